@@ -1,0 +1,202 @@
+"""The benchmark harness every ``bench/bench_<op>.py`` uses.
+
+A case calls the ``bench`` fixture with the function to time, what it is (op, case, implementation), the
+bytes it must move and/or the flops it must do. The harness
+
+* times it with pytest-benchmark (synchronizing CUDA after every call), and records the median;
+* relates it to eager PyTorch on the same case, measured in the same run (these machines are shared
+  and noisy, so only side-by-side ratios mean anything): the implementation named ``eager`` is the
+  baseline; if a case's eager run has not happened yet in this session, its ``baseline`` function is
+  timed on the spot;
+* turns bytes and flops into GB/s and TFLOP/s, and into percent of this device's peak as measured in
+  this same session (device-to-device copy bandwidth; a large matmul's throughput);
+* prints one summary table at the end of ``pytest bench/``, and writes it as Markdown to the path given
+  by ``--fastdl-report`` (how ``bench/results/`` files are made).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import fastdl
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fastdl-report", default=None, help="write the benchmark summary as Markdown to this path")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, budget_s: float = 0.5, max_rounds: int = 200) -> float:
+    """Median wall time of ``fn()`` over as many rounds as fit in ``budget_s`` (at least 5), warmed up."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = max(time.perf_counter() - start, 1e-6)
+    times = []
+    for _ in range(max(5, min(max_rounds, int(budget_s / once)))):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    impl: str
+    device: str
+    median_ms: float
+    vs_eager: float | None
+    gbps: float | None
+    bandwidth_pct: float | None
+    tflops: float | None
+    compute_pct: float | None
+    notes: str = ""
+
+
+@dataclass
+class Session:
+    rows: list[Row] = field(default_factory=list)
+    eager_ms: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)
+
+    def copy_gbps(self, device: torch.device) -> float:
+        """Measured device-to-device copy bandwidth (bytes read + written per second), once per session."""
+        key = ("copy", str(device))
+        if key not in self.peaks:
+            n = (256 if device.type == "cuda" else 64) * 2**20 // 4
+            src = torch.empty(n, device=device)
+            dst = torch.empty_like(src)
+            seconds = median_seconds(lambda: dst.copy_(src), device)
+            self.peaks[key] = 2 * src.numel() * 4 / seconds / 1e9
+        return self.peaks[key]
+
+    def matmul_tflops(self, device: torch.device, dtype: torch.dtype) -> float:
+        """Measured throughput of a large matmul in ``dtype``, once per session."""
+        key = ("matmul", str(device), dtype)
+        if key not in self.peaks:
+            n = 8192 if device.type == "cuda" else 1024
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            seconds = median_seconds(lambda: a @ b, device)
+            self.peaks[key] = 2 * n**3 / seconds / 1e12
+        return self.peaks[key]
+
+
+SESSION = Session()
+
+
+@pytest.fixture
+def bench(benchmark):
+    """``bench(fn, op=, case=, impl=, device=, bytes_moved=None, flops=None, dtype=None, baseline=None,
+    notes="")`` times ``fn`` and records one row of the summary (see the module docstring)."""
+
+    def run(fn, *, op: str, case: str, impl: str, device: torch.device | str, bytes_moved: float | None = None,
+            flops: float | None = None, dtype: torch.dtype = torch.float32, baseline=None, notes: str = ""):
+        device = torch.device(device)
+        benchmark.group = f"{op} {case}"
+        benchmark.extra_info.update(op=op, case=case, impl=impl)
+
+        def call():
+            fn()
+            synchronize(device)
+
+        fn()  # compile / autotune / first-touch outside the timed rounds
+        synchronize(device)
+        once = median_seconds(fn, device, budget_s=0.05, max_rounds=5)
+        rounds = max(5, min(200, int(1.0 / max(once, 1e-6))))
+        benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing to record
+            return
+        median_ms = benchmark.stats.stats.median * 1e3
+        key = (op, case, str(device))
+        if impl == "eager":
+            SESSION.eager_ms[key] = median_ms
+        elif key not in SESSION.eager_ms and baseline is not None:
+            SESSION.eager_ms[key] = median_seconds(baseline, device) * 1e3
+        eager_ms = SESSION.eager_ms.get(key)
+        vs_eager = eager_ms / median_ms if eager_ms else None
+        gbps = bytes_moved / (median_ms / 1e3) / 1e9 if bytes_moved else None
+        tflops = flops / (median_ms / 1e3) / 1e12 if flops else None
+        row = Row(
+            op, case, impl, device_name(device), median_ms, vs_eager, gbps,
+            100 * gbps / SESSION.copy_gbps(device) if gbps else None,
+            tflops, 100 * tflops / SESSION.matmul_tflops(device, dtype) if tflops else None, notes,
+        )
+        SESSION.rows.append(row)
+        benchmark.extra_info.update({k: v for k, v in row.__dict__.items() if v is not None})
+
+    return run
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summary_markdown() -> str:
+    devices = sorted({row.device for row in SESSION.rows})
+    peaks = ", ".join(
+        f"{kind} {where}{'' if len(key) < 3 else ' ' + str(key[2]).removeprefix('torch.')}: {value:.1f} "
+        f"{'GB/s' if kind == 'copy' else 'TFLOP/s'}"
+        for key, value in SESSION.peaks.items() for kind, where in [key[:2]]
+    )
+    lines = [
+        f"# fastdl benchmarks — {', '.join(devices)}",
+        "",
+        f"{datetime.date.today().isoformat()} · fastdl {fastdl.__version__} commit {_git_commit()} · torch {torch.__version__}"
+        f" · measured peaks this run: {peaks or 'n/a'}",
+        "",
+        "Ratios are against eager PyTorch on the same case, measured in the same run (>1 is faster).",
+        "",
+        "| op | case | impl | median ms | vs eager | GB/s | % copy BW | TFLOP/s | % matmul peak | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in SESSION.rows:
+        lines.append(
+            f"| {r.op} | {r.case} | {r.impl} | {r.median_ms:.3f} | {_fmt(r.vs_eager, '.2f')}{'x' if r.vs_eager else ''} | "
+            f"{_fmt(r.gbps, '.1f')} | {_fmt(r.bandwidth_pct, '.0f')} | {_fmt(r.tflops, '.2f')} | {_fmt(r.compute_pct, '.0f')} | {r.notes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not SESSION.rows:
+        return
+    text = summary_markdown()
+    terminalreporter.write_sep("=", "fastdl benchmark summary")
+    terminalreporter.write(text)
+    path = config.getoption("--fastdl-report")
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text)
+        terminalreporter.write_line(f"written to {path}")

@@ -1,0 +1,174 @@
+"""Backend selection, shared by every op.
+
+Each op has one public name and up to three kernel backends behind it:
+
+* ``native``    — C++ (CPU tensors) and CUDA C++ (CUDA tensors), compiled into ``fastdl._C``;
+* ``triton``    — Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests only);
+* ``reference`` — plain PyTorch ops: the spec, and the fallback that runs anywhere.
+
+``auto`` (the default) tries an op's priority list for the tensor's device and takes the first backend
+that can run the call, ending at ``reference``. A backend asked for by name that cannot run the call
+raises :class:`NotImplementedError` listing, per backend, why it was or was not usable.
+
+The choice is made per call: ``fastdl.backend(name)`` scopes it (a context variable, so threads and
+async tasks each see their own), ``fastdl.set_backend(name)`` sets the process default, and the
+environment variable ``FASTDL_BACKEND`` sets the initial default.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from . import _extension
+
+KERNEL_BACKENDS = ("native", "triton", "reference")
+BACKENDS = ("auto",) + KERNEL_BACKENDS
+
+
+def _validated(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}: unknown fastdl backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_default_backend = _validated(os.environ.get("FASTDL_BACKEND", "auto").strip() or "auto", "FASTDL_BACKEND")
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdl_backend", default=None)
+
+
+def get_backend() -> str:
+    """The backend in force here: the innermost ``fastdl.backend(...)`` scope, else the default."""
+    scoped = _scoped_backend.get()
+    return _default_backend if scoped is None else scoped
+
+
+def set_backend(name: str) -> None:
+    """Sets the process-wide default backend (``auto``, ``native``, ``triton`` or ``reference``)."""
+    global _default_backend
+    _default_backend = _validated(name, "fastdl.set_backend")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with fastdl.backend("triton"): ...`` runs the block's fastdl ops on that backend."""
+    token = _scoped_backend.set(_validated(name, "fastdl.backend"))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:
+        return f"triton could not be imported ({type(error).__name__}: {error})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` in this process, or None when it can."""
+    device_type = torch.device(device).type
+    if name == "reference":
+        return None
+    if device_type not in ("cpu", "cuda"):
+        return f"runs on cpu and cuda tensors, not {device_type}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if name == "native":
+        if _extension.LOAD_ERROR is not None:
+            return _extension.LOAD_ERROR
+        if device_type == "cuda" and not _extension.BUILT_WITH_CUDA:
+            return "fastdl._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
+        return None
+    if name == "triton":
+        error = _triton_import_error()
+        if error is not None:
+            return error
+        if device_type == "cpu" and not triton_interpreted():
+            return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), meant for tests"
+        return None
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The kernel backends usable for tensors on ``device`` in this process."""
+    return [name for name in KERNEL_BACKENDS if why_unavailable(name, device) is None]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of an op's entry point, and what it supports.
+
+    ``dtypes`` maps a device type to the dtypes the kernel accepts there (a device type not listed is not
+    supported). ``limits``, when given, receives the call's arguments and returns why this call is
+    outside the kernel's limits (for example "head dim 320 > 256"), or None.
+    """
+
+    backend: str
+    run: Callable
+    dtypes: Mapping[str, frozenset[torch.dtype]]
+    limits: Callable[..., str | None] | None = None
+
+
+@dataclass
+class OpKernels:
+    """The backends of one op entry point and the ``auto`` priority list per device type."""
+
+    op: str
+    kernels: Sequence[Kernel]
+    auto_order: Mapping[str, Sequence[str]] = field(
+        default_factory=lambda: {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+    )
+
+    def __post_init__(self) -> None:
+        self._by_backend = {kernel.backend: kernel for kernel in self.kernels}
+        reference = self._by_backend.get("reference")
+        if reference is None or reference.limits is not None:
+            raise ValueError(f"{self.op}: the reference kernel is required and must accept every call")
+
+    def why_not(self, name: str, device: torch.device, dtype: torch.dtype, *args) -> str | None:
+        """Why backend ``name`` cannot run this call, or None when it can."""
+        kernel = self._by_backend.get(name)
+        if kernel is None:
+            return "no kernel for this op"
+        reason = why_unavailable(name, device)
+        if reason is not None:
+            return reason
+        if name != "reference":
+            supported = kernel.dtypes.get(device.type, frozenset())
+            if dtype not in supported:
+                names = ", ".join(sorted(str(d).removeprefix("torch.") for d in supported)) or "none"
+                return f"dtype {str(dtype).removeprefix('torch.')} is not supported on {device.type} (supported: {names})"
+        return kernel.limits(*args) if kernel.limits is not None else None
+
+    def select(self, device: torch.device, dtype: torch.dtype, *args) -> Kernel:
+        """The kernel that runs this call under the backend in force (see the module docstring)."""
+        requested = get_backend()
+        if requested == "auto":
+            order = self.auto_order.get(device.type, ("reference",))
+            for name in order:
+                if self.why_not(name, device, dtype, *args) is None:
+                    return self._by_backend[name]
+            return self._by_backend["reference"]
+        if self.why_not(requested, device, dtype, *args) is None:
+            return self._by_backend[requested]
+        report = "; ".join(
+            f"{name}: {self.why_not(name, device, dtype, *args) or 'can run it'}" for name in KERNEL_BACKENDS
+        )
+        raise NotImplementedError(
+            f"{self.op}: backend {requested!r} cannot run this call on {device.type} {str(dtype).removeprefix('torch.')} "
+            f"tensors. Per backend: {report}"
+        )

@@ -1,0 +1,4 @@
+"""fastdl's drop-in ops: modules and functionals, each backed by native, Triton and reference kernels."""
+from .lrn import LocalResponseNorm, local_response_norm
+
+__all__ = ["LocalResponseNorm", "local_response_norm"]
