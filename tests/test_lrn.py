@@ -121,9 +121,10 @@ def test_opcheck(backend, use_backend):
         torch.library.opcheck(torch.ops.fastdl.local_response_norm.default, (x_cl, 4, 0.5, 0.75, 1.0))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(compiler):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), LocalResponseNorm(5, 0.5, 0.75, 2.0))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
     y = compiled(x)
     y.sum().backward()

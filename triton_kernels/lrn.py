@@ -25,12 +25,20 @@ _BLOCK = 256
 
 
 @triton.jit
+def _offsets(base, c, stride_c):
+    """Element offsets of channel c at the program's positions, in int64 (tensors may pass 2^31 elements).
+    The channel is broadcast to a vector first: Triton's interpreter rejects masks mixing scalars and
+    vectors, and the vector is also what makes the product 64-bit."""
+    channel = tl.zeros_like(base) + c
+    return channel, base + channel * stride_c
+
+
+@triton.jit
 def _channel(ptr, base, c, stride_c, channels, mask):
     """Channel c of the program's positions as fp32, zero outside 0 … channels−1."""
-    # The channel test is made on a vector: Triton's interpreter rejects masks mixing scalar and vector.
-    channel = tl.zeros_like(base) + c
+    channel, offsets = _offsets(base, c, stride_c)
     inside = mask & (channel >= 0) & (channel < channels)
-    return tl.load(ptr + base + c * stride_c, mask=inside, other=0.0).to(tl.float32)
+    return tl.load(ptr + offsets, mask=inside, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -95,7 +103,7 @@ def _lrn_forward_kernel(x_ptr, y_ptr, channels, positions, tiles, stride_n, stri
         if c >= 0:
             x = _channel(x_ptr, base, c, stride_c, channels, mask)
             y = x * _pow(_scale(total, nans, infs, alpha_over_size, k), -beta)
-            tl.store(y_ptr + base + c * stride_c, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + _offsets(base, c, stride_c)[1], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -135,7 +143,7 @@ def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, channels, positions, tiles, strid
             g = _channel(g_ptr, base, c, stride_c, channels, mask)
             scale = _scale(center, center_nans, center_infs, alpha_over_size, k)
             dx = g * _pow(scale, -beta) - coef * x * _value(mirrored, mirrored_nans, mirrored_infs).to(tl.float32)
-            tl.store(dx_ptr + base + c * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + _offsets(base, c, stride_c)[1], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def lrn_forward(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:

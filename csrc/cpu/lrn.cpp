@@ -233,6 +233,8 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
   check_args(input, size, "fastdl::lrn_backward");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "fastdl::lrn_backward: grad_output has shape ",
               grad_output.sizes(), " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_output.device() == input.device() && grad_output.scalar_type() == input.scalar_type(),
+              "fastdl::lrn_backward: grad_output must match input's device and dtype");
   const Layout layout = layout_of(input);
   const at::Tensor grad = grad_output.contiguous(layout.channels_last ? input.suggest_memory_format()
                                                                       : at::MemoryFormat::Contiguous);
