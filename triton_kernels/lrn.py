@@ -86,13 +86,18 @@ def _mirror_term(scale, x_ptr, g_ptr, base, j, stride_c, channels, mask, beta):
 
 
 @triton.jit
+def _program_positions(positions, tiles, stride_n, stride_s, BLOCK: tl.constexpr):
+    """The program's BLOCK positions (tile of one image): their mask and int64 offsets of channel 0."""
+    image = tl.program_id(0) // tiles
+    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return offsets < positions, image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
+
+
+@triton.jit
 def _lrn_forward_kernel(x_ptr, y_ptr, channels, positions, tiles, stride_n, stride_c, stride_s,
                         alpha_over_size, beta, k,
                         BEFORE: tl.constexpr, AFTER: tl.constexpr, BLOCK: tl.constexpr):
-    image = tl.program_id(0) // tiles
-    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < positions
-    base = image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
+    mask, base = _program_positions(positions, tiles, stride_n, stride_s, BLOCK)
     total = tl.zeros([BLOCK], dtype=tl.float64)
     nans = tl.zeros([BLOCK], dtype=tl.int32)
     infs = tl.zeros([BLOCK], dtype=tl.int32)
@@ -110,10 +115,7 @@ def _lrn_forward_kernel(x_ptr, y_ptr, channels, positions, tiles, stride_n, stri
 def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, channels, positions, tiles, stride_n, stride_c, stride_s,
                          alpha_over_size, beta, k,
                          BEFORE: tl.constexpr, AFTER: tl.constexpr, BLOCK: tl.constexpr):
-    image = tl.program_id(0) // tiles
-    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < positions
-    base = image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
+    mask, base = _program_positions(positions, tiles, stride_n, stride_s, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float64)
     none = tl.zeros([BLOCK], dtype=tl.int32)
     lead, lead_nans, lead_infs = zero, none, none
