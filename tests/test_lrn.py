@@ -79,6 +79,7 @@ def test_empty_input(backend, device, dtype, shape, use_backend):
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy under the interpreter
 def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
     x = torch.randn(2, 8, 3, 3, dtype=dtype)
     x[0, 3, 1, 1] = float("nan")
