@@ -14,10 +14,10 @@
 // the tile is recomputed: P = exp2(S·log2 e − lse₂), dV += (P∘Z)ᵀ·dO, dP = dO·Vᵀ,
 // dS = P∘(Z∘dP − δ), dK += scale·dSᵀ·Q, dQ += scale·dS·K, with δ_i = dO_i·O_i computed once per row.
 //
-// The GEMMs go to the BLAS that torch itself links (MKL's sgemm_/dgemm_, found at load time as weak
-// symbols, so a torch without them still loads this library and falls back to plain loops): on these
-// tile shapes a BLAS micro-kernel beats anything a compiler vectorizes, and the tiles are large enough
-// (≥ 64×128×D) that the call overhead is noise.
+// The tile products are our own register-blocked micro-kernels (GCC vector extensions, compiled per ISA
+// by FASTDL_CPU_CLONES), not BLAS: on these small tiles MKL's dispatch keeps it off its fast paths on
+// some CPUs (on AMD it runs its generic kernels, at a third of what the AVX-512 clone here reaches), and
+// fusing the transposes into packing lets every product stream its right operand along contiguous rows.
 //
 // Dropout: keep_ij is a hash of (seed, global row, column) — the same function as _dropout_bits in
 // fastdl/ops/attention.py — so backward regenerates the forward's mask without storing it.
@@ -28,19 +28,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
-
-extern "C" {
-// Fortran BLAS (column-major). Weak: null when the process has no BLAS exporting them.
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace fastdl {
 namespace cpu {
@@ -51,29 +42,75 @@ constexpr int64_t kBlockK = 128;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-// Row-major C[m×n] = alpha·op(A)·op(B) + beta·C. Column-major BLAS sees a row-major matrix as its
-// transpose, so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ with the operands swapped.
+// One AVX-512 register (two AVX2 or four SSE ones elsewhere). Spelled per type: GCC drops vector_size
+// from an alias template's dependent type.
+typedef float VecFloat __attribute__((vector_size(64)));
+typedef double VecDouble __attribute__((vector_size(64)));
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const auto blas = [] {
-    if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
-  }();
-  if (blas != nullptr && k > 0) {
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    blas(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      T sum = 0;
-      for (int64_t p = 0; p < k; ++p)
-        sum += (trans_a ? a[p * lda + i] : a[i * lda + p]) * (trans_b ? b[j * ldb + p] : b[p * ldb + j]);
-      c[i * ldc + j] = alpha * sum + (beta == T(0) ? T(0) : beta * c[i * ldc + j]);
+using Vec = std::conditional_t<std::is_same_v<T, float>, VecFloat, VecDouble>;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename T>
+FASTDL_INLINE Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// C[kRows × kVecs·lanes] = alpha·A·B (+ C when accumulating): the k-loop keeps the whole C block in
+// registers, each step broadcasting kRows elements of A against kVecs vectors of one row of B.
+template <typename T, int kRows, int kVecs>
+FASTDL_INLINE void micro_kernel(int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk, const T* b, int64_t ldb,
+                                bool accumulate, T* c, int64_t ldc) {
+  Vec<T> acc[kRows][kVecs] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    Vec<T> row[kVecs];
+    for (int v = 0; v < kVecs; ++v) row[v] = load(b + p * ldb + v * kLanes<T>);
+    for (int r = 0; r < kRows; ++r) {
+      const T scalar = a[r * a_si + p * a_sk];
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += scalar * row[v];
     }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVecs; ++v) {
+      T* out = c + r * ldc + v * kLanes<T>;
+      Vec<T> result = alpha * acc[r][v];
+      if (accumulate) result += load(out);
+      std::memcpy(out, &result, sizeof(result));
+    }
+}
+
+template <typename T, int kVecs>
+FASTDL_INLINE void column_panel(int64_t m, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk, const T* b,
+                                int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) micro_kernel<T, 4, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+  for (; i < m; ++i) micro_kernel<T, 1, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+}
+
+// Row-major C[m×n] = alpha·A·B (+ C when accumulating), A[i][p] at a[i·a_si + p·a_sk] (any strides, so
+// Aᵀ costs nothing), B row-major with unit stride along n.
+template <typename T>
+FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk,
+                                 const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int64_t lanes = kLanes<T>;
+  int64_t j = 0;
+  for (; j + 2 * lanes <= n; j += 2 * lanes) column_panel<T, 2>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
+  for (; j + lanes <= n; j += lanes) column_panel<T, 1>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
+  for (; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      T sum = 0;
+      for (int64_t p = 0; p < k; ++p) sum += a[i * a_si + p * a_sk] * b[p * ldb + j];
+      c[i * ldc + j] = alpha * sum + (accumulate ? c[i * ldc + j] : T(0));
+    }
+}
+
+// dst[p·kBlockK + j] = src[j·stride + p]: a (cols × depth) tile transposed, so products against it stream.
+template <typename T>
+void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst) {
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t p = 0; p < depth; ++p) dst[p * kBlockK + j] = src[j * stride + p];
 }
 
 // The 32-bit avalanche mix of _mix32 in fastdl/ops/attention.py.
@@ -93,6 +130,34 @@ FASTDL_INLINE uint32_t dropout_row_key(int64_t seed, int64_t row) {
 // 2^z for z ≤ 0, exactly 0 below −127 (masked scores are −∞). NaN stays NaN.
 FASTDL_INLINE float exp2_nonpositive(float z) { return exp2_bounded(z < -127.0f ? -127.0f : z); }
 FASTDL_INLINE double exp2_nonpositive(double z) { return std::exp2(z); }
+
+// Row reductions over vector lanes: one running max or sum would be a dependency chain the compiler may
+// not reorder (no -ffast-math), keeping the loop scalar.
+template <typename T>
+FASTDL_INLINE T max_of(const T* row, int64_t cols) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec<T> lanes = neg_inf - Vec<T>{};
+  int64_t c = 0;
+  for (; c + kLanes<T> <= cols; c += kLanes<T>) {
+    const Vec<T> v = load(row + c);
+    lanes = v > lanes ? v : lanes;
+  }
+  T result = neg_inf;
+  for (int64_t l = 0; l < kLanes<T>; ++l) result = lanes[l] > result ? lanes[l] : result;
+  for (; c < cols; ++c) result = row[c] > result ? row[c] : result;
+  return result;
+}
+
+template <typename T>
+FASTDL_INLINE T sum_of(const T* row, int64_t cols) {
+  Vec<T> lanes = {};
+  int64_t c = 0;
+  for (; c + kLanes<T> <= cols; c += kLanes<T>) lanes += load(row + c);
+  T result = 0;
+  for (int64_t l = 0; l < kLanes<T>; ++l) result += lanes[l];
+  for (; c < cols; ++c) result += row[c];
+  return result;
+}
 
 struct Dropout {
   bool active;
@@ -136,17 +201,12 @@ FASTDL_CPU_CLONES void online_softmax_tile(T* s, int64_t rows, int64_t cols, int
     const int64_t last_visible = first_row + r - first_col;  // top-left aligned: key j visible iff j ≤ i
     if (causal && last_visible < cols - 1)
       for (int64_t c = 0; c < cols; ++c) row[c] = c > last_visible ? neg_inf : row[c];
-    T tile_max = neg_inf;
-    for (int64_t c = 0; c < cols; ++c) tile_max = row[c] > tile_max ? row[c] : tile_max;
+    const T tile_max = max_of(row, cols);
     const T old_max = row_max[r];
     const T new_max = tile_max > old_max ? tile_max : old_max;
     const T shift = new_max == neg_inf ? T(0) : new_max;  // a row masked so far stays at zero weight
-    T sum = 0;
-    for (int64_t c = 0; c < cols; ++c) {
-      const T p = exp2_nonpositive(row[c] - shift);
-      row[c] = p;
-      sum += p;
-    }
+    for (int64_t c = 0; c < cols; ++c) row[c] = exp2_nonpositive(row[c] - shift);
+    const T sum = sum_of(row, cols);
     rescale[r] = old_max == neg_inf ? T(0) : std::exp2(old_max - shift);
     sums[r] = sums[r] * rescale[r] + sum;
     row_max[r] = new_max;
@@ -190,9 +250,10 @@ template <typename T>
 void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out, int64_t out_sn, T* lse,
                    std::vector<T>& buffer) {
   const int64_t rows = std::min(kBlockQ, p.nq - i0);
-  buffer.assign(kBlockQ * kBlockK + kBlockQ * p.dv + 3 * kBlockQ, T(0));
+  buffer.assign(kBlockQ * kBlockK + p.d * kBlockK + kBlockQ * p.dv + 3 * kBlockQ, T(0));
   T* s = buffer.data();
-  T* acc = s + kBlockQ * kBlockK;
+  T* key_t = s + kBlockQ * kBlockK;
+  T* acc = key_t + p.d * kBlockK;
   T* row_max = acc + kBlockQ * p.dv;
   T* sums = row_max + kBlockQ;
   T* rescale = sums + kBlockQ;
@@ -203,15 +264,15 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
   const int64_t row0 = (b * p.heads_q + h) * p.nq + i0;
   for (int64_t j0 = 0; j0 < keys; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, keys - j0);
-    gemm<T>(false, true, rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, p.k.row(b, hk, j0), p.k.sn,
-            T(0), s, kBlockK);
+    pack_transposed(p.k.row(b, hk, j0), p.k.sn, cols, p.d, key_t);
+    tile_gemm<T>(rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, 1, key_t, kBlockK, false, s, kBlockK);
     online_softmax_tile<T>(s, rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout, row_max, sums,
                            rescale);
     if (j0 > 0)
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < p.dv; ++c) acc[r * p.dv + c] *= rescale[r];
     if (p.dropout.active) apply_dropout<T>(s, rows, cols, row0, j0, p.dropout);
-    gemm<T>(false, false, rows, p.dv, cols, T(1), s, kBlockK, p.v.row(b, hk, j0), p.v.sn, T(1), acc, p.dv);
+    tile_gemm<T>(rows, p.dv, cols, T(1), s, kBlockK, 1, p.v.row(b, hk, j0), p.v.sn, true, acc, p.dv);
   }
   for (int64_t r = 0; r < rows; ++r) {
     // A row with every key masked (sum 0) gives 0 and lse = +∞, so backward's exp(s − lse) is 0 there.
@@ -279,12 +340,14 @@ void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operan
     }
   }
   std::vector<T> s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dk_acc(kBlockK * p.d), dv_acc(kBlockK * p.dv);
+  std::vector<T> key_t(p.d * kBlockK), value_t(p.dv * kBlockK);
   for (int64_t j0 = 0; j0 < p.nk; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, p.nk - j0);
     std::fill(dk_acc.begin(), dk_acc.end(), T(0));
     std::fill(dv_acc.begin(), dv_acc.end(), T(0));
     const T* k = p.k.row(b, hk, j0);
-    const T* v = p.v.row(b, hk, j0);
+    pack_transposed(k, p.k.sn, cols, p.d, key_t.data());
+    pack_transposed(p.v.row(b, hk, j0), p.v.sn, cols, p.dv, value_t.data());
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hk * group + g;
       // Causal: queries before j0 see none of these keys; start at the block holding query j0.
@@ -293,16 +356,16 @@ void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operan
         const int64_t rows = std::min(kBlockQ, p.nq - i0);
         const T* q = p.q.row(b, h, i0);
         const T* gi = grad.row(b, h, i0);
-        gemm<T>(false, true, rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, k, p.k.sn, T(0), s.data(),
-                kBlockK);
-        gemm<T>(false, true, rows, cols, p.dv, T(1), gi, grad.sn, v, p.v.sn, T(0), dp.data(), kBlockK);
+        tile_gemm<T>(rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, 1, key_t.data(), kBlockK, false,
+                     s.data(), kBlockK);
+        tile_gemm<T>(rows, cols, p.dv, T(1), gi, grad.sn, 1, value_t.data(), kBlockK, false, dp.data(), kBlockK);
         const int64_t row0 = (b * p.heads_q + h) * p.nq + i0;
         backward_tile<T>(s.data(), dp.data(), rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout,
                          lse2.data() + g * p.nq + i0, delta.data() + g * p.nq + i0, row0, p.dropout);
-        gemm<T>(true, false, cols, p.dv, rows, T(1), s.data(), kBlockK, gi, grad.sn, T(1), dv_acc.data(), p.dv);
-        gemm<T>(true, false, cols, p.d, rows, p.scale, dp.data(), kBlockK, q, p.q.sn, T(1), dk_acc.data(), p.d);
-        gemm<T>(false, false, rows, p.d, cols, p.scale, dp.data(), kBlockK, k, p.k.sn, T(1),
-                dq + (row0 * p.d), p.d);
+        // Transposed left operands (Pᵀ, dSᵀ) are just swapped strides for the micro-kernel.
+        tile_gemm<T>(cols, p.dv, rows, T(1), s.data(), 1, kBlockK, gi, grad.sn, true, dv_acc.data(), p.dv);
+        tile_gemm<T>(cols, p.d, rows, p.scale, dp.data(), 1, kBlockK, q, p.q.sn, true, dk_acc.data(), p.d);
+        tile_gemm<T>(rows, p.d, cols, p.scale, dp.data(), kBlockK, 1, k, p.k.sn, true, dq + row0 * p.d, p.d);
         if (dmask != nullptr)
           for (int64_t r = 0; r < rows; ++r)
             std::copy(dp.data() + r * kBlockK, dp.data() + r * kBlockK + cols, dmask + (row0 + r) * p.nk + j0);
