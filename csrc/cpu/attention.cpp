@@ -106,11 +106,11 @@ FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const
     }
 }
 
-// dst[p·kBlockK + j] = src[j·stride + p]: a (cols × depth) tile transposed, so products against it stream.
+// dst[p·ld + j] = src[j·stride + p]: a (cols × depth) tile transposed, so products against it stream.
 template <typename T>
-void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst) {
+void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst, int64_t ld) {
   for (int64_t j = 0; j < cols; ++j)
-    for (int64_t p = 0; p < depth; ++p) dst[p * kBlockK + j] = src[j * stride + p];
+    for (int64_t p = 0; p < depth; ++p) dst[p * ld + j] = src[j * stride + p];
 }
 
 // The 32-bit avalanche mix of _mix32 in fastdl/ops/attention.py.
@@ -130,34 +130,6 @@ FASTDL_INLINE uint32_t dropout_row_key(int64_t seed, int64_t row) {
 // 2^z for z ≤ 0, exactly 0 below −127 (masked scores are −∞). NaN stays NaN.
 FASTDL_INLINE float exp2_nonpositive(float z) { return exp2_bounded(z < -127.0f ? -127.0f : z); }
 FASTDL_INLINE double exp2_nonpositive(double z) { return std::exp2(z); }
-
-// Row reductions over vector lanes: one running max or sum would be a dependency chain the compiler may
-// not reorder (no -ffast-math), keeping the loop scalar.
-template <typename T>
-FASTDL_INLINE T max_of(const T* row, int64_t cols) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  Vec<T> lanes = neg_inf - Vec<T>{};
-  int64_t c = 0;
-  for (; c + kLanes<T> <= cols; c += kLanes<T>) {
-    const Vec<T> v = load(row + c);
-    lanes = v > lanes ? v : lanes;
-  }
-  T result = neg_inf;
-  for (int64_t l = 0; l < kLanes<T>; ++l) result = lanes[l] > result ? lanes[l] : result;
-  for (; c < cols; ++c) result = row[c] > result ? row[c] : result;
-  return result;
-}
-
-template <typename T>
-FASTDL_INLINE T sum_of(const T* row, int64_t cols) {
-  Vec<T> lanes = {};
-  int64_t c = 0;
-  for (; c + kLanes<T> <= cols; c += kLanes<T>) lanes += load(row + c);
-  T result = 0;
-  for (int64_t l = 0; l < kLanes<T>; ++l) result += lanes[l];
-  for (; c < cols; ++c) result += row[c];
-  return result;
-}
 
 struct Dropout {
   bool active;
@@ -183,47 +155,50 @@ struct Mask {  // additive (B, Hq, Nq, Nk) mask; broadcast dims have stride 0
   int64_t sb, sh, sn, sk;
 };
 
-// One tile's scores (rows × cols at s, row stride kBlockK, already scaled by scale·log2 e): adds the
-// mask, masks causally, and turns row r into 2^(s − m_r) with the running max m_r updated; returns the
-// per-row correction factors 2^(m_old − m_new) in `rescale` and adds the row sums into `sums`.
+// One tile's scores, transposed: st[j·kBlockQ + r] = scale·log2 e·q_r·k_j for key j (cols of them) and
+// query r (rows). Keys run down, queries across, so every per-query quantity (running max, sum,
+// rescale factor) is a vector over r and no loop here reduces horizontally. Adds the mask, masks
+// causally, turns each score into 2^(s − m_r) with the running max m_r updated, returns the factors
+// 2^(m_old − m_new) in `rescale`, adds the new probabilities into `sums`, and finally applies dropout
+// (after the sums: the softmax normalizes the undropped probabilities).
 template <typename T>
-FASTDL_CPU_CLONES void online_softmax_tile(T* s, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
+FASTDL_CPU_CLONES void online_softmax_tile(T* st, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
                                            bool causal, const T* mask, const Mask& mask_layout, T* row_max, T* sums,
-                                           T* rescale) {
+                                           T* rescale, const uint32_t* row_keys, const Dropout& dropout) {
   const T log2e = static_cast<T>(kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = s + r * kBlockK;
-    if (mask != nullptr) {
-      const T* m = mask + r * mask_layout.sn;
-      for (int64_t c = 0; c < cols; ++c) row[c] += m[c * mask_layout.sk] * log2e;
+  if (mask != nullptr)
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t r = 0; r < rows; ++r) st[j * kBlockQ + r] += mask[r * mask_layout.sn + j * mask_layout.sk] * log2e;
+  if (causal)  // top-left aligned: key j is visible to query i iff j ≤ i
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t hidden = std::min(rows, first_col + j - first_row);
+      for (int64_t r = 0; r < hidden; ++r) st[j * kBlockQ + r] = neg_inf;
     }
-    const int64_t last_visible = first_row + r - first_col;  // top-left aligned: key j visible iff j ≤ i
-    if (causal && last_visible < cols - 1)
-      for (int64_t c = 0; c < cols; ++c) row[c] = c > last_visible ? neg_inf : row[c];
-    const T tile_max = max_of(row, cols);
-    const T old_max = row_max[r];
-    const T new_max = tile_max > old_max ? tile_max : old_max;
-    const T shift = new_max == neg_inf ? T(0) : new_max;  // a row masked so far stays at zero weight
-    for (int64_t c = 0; c < cols; ++c) row[c] = exp2_nonpositive(row[c] - shift);
-    const T sum = sum_of(row, cols);
-    rescale[r] = old_max == neg_inf ? T(0) : std::exp2(old_max - shift);
-    sums[r] = sums[r] * rescale[r] + sum;
-    row_max[r] = new_max;
-  }
-}
-
-// P ← P ∘ Z (Z = keep / (1 − p)) for a tile whose first global row index is row0.
-template <typename T>
-FASTDL_CPU_CLONES void apply_dropout(T* p, int64_t rows, int64_t cols, int64_t row0, int64_t first_col,
-                                     const Dropout& dropout) {
-  const T kept = static_cast<T>(dropout.scale);
+  T new_max[kBlockQ], shift[kBlockQ], tile_sum[kBlockQ];
+  std::copy(row_max, row_max + rows, new_max);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t r = 0; r < rows; ++r) new_max[r] = st[j * kBlockQ + r] > new_max[r] ? st[j * kBlockQ + r] : new_max[r];
   for (int64_t r = 0; r < rows; ++r) {
-    const uint32_t key = dropout_row_key(dropout.seed, row0 + r);
-    T* row = p + r * kBlockK;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t bits = mix32(key ^ static_cast<uint32_t>(first_col + c));
-      row[c] *= bits >= dropout.threshold ? kept : T(0);
+    shift[r] = new_max[r] == neg_inf ? T(0) : new_max[r];  // a row masked so far stays at zero weight
+    rescale[r] = exp2_nonpositive(row_max[r] - shift[r]);  // 0 when the old max was −∞
+    row_max[r] = new_max[r];
+    tile_sum[r] = 0;
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T prob = exp2_nonpositive(st[j * kBlockQ + r] - shift[r]);
+      st[j * kBlockQ + r] = prob;
+      tile_sum[r] += prob;
+    }
+  for (int64_t r = 0; r < rows; ++r) sums[r] = sums[r] * rescale[r] + tile_sum[r];
+  if (!dropout.active) return;
+  const T kept = static_cast<T>(dropout.scale);
+  for (int64_t j = 0; j < cols; ++j) {
+    const uint32_t column = static_cast<uint32_t>(first_col + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t bits = mix32(row_keys[r] ^ column);
+      st[j * kBlockQ + r] *= bits >= dropout.threshold ? kept : T(0);
     }
   }
 }
@@ -248,31 +223,35 @@ struct Problem {
 
 template <typename T>
 void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out, int64_t out_sn, T* lse,
-                   std::vector<T>& buffer) {
+                   std::vector<T>& buffer, std::vector<uint32_t>& row_keys) {
   const int64_t rows = std::min(kBlockQ, p.nq - i0);
-  buffer.assign(kBlockQ * kBlockK + p.d * kBlockK + kBlockQ * p.dv + 3 * kBlockQ, T(0));
-  T* s = buffer.data();
-  T* key_t = s + kBlockQ * kBlockK;
-  T* acc = key_t + p.d * kBlockK;
+  buffer.assign(kBlockK * kBlockQ + p.d * kBlockQ + kBlockQ * p.dv + 3 * kBlockQ, T(0));
+  T* st = buffer.data();
+  T* query_t = st + kBlockK * kBlockQ;
+  T* acc = query_t + p.d * kBlockQ;
   T* row_max = acc + kBlockQ * p.dv;
   T* sums = row_max + kBlockQ;
   T* rescale = sums + kBlockQ;
   std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
   const int64_t hk = h / p.group();
-  const T* q = p.q.row(b, h, i0);
-  const int64_t keys = p.keys_seen(i0, rows);
   const int64_t row0 = (b * p.heads_q + h) * p.nq + i0;
+  row_keys.resize(kBlockQ);
+  if (p.dropout.active)
+    for (int64_t r = 0; r < rows; ++r) row_keys[r] = dropout_row_key(p.dropout.seed, row0 + r);
+  // Qᵀ once per block: every key tile's product Sᵀ = K·Qᵀ then streams along contiguous rows of it.
+  pack_transposed(p.q.row(b, h, i0), p.q.sn, rows, p.d, query_t, kBlockQ);
+  const int64_t keys = p.keys_seen(i0, rows);
   for (int64_t j0 = 0; j0 < keys; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, keys - j0);
-    pack_transposed(p.k.row(b, hk, j0), p.k.sn, cols, p.d, key_t);
-    tile_gemm<T>(rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, 1, key_t, kBlockK, false, s, kBlockK);
-    online_softmax_tile<T>(s, rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout, row_max, sums,
-                           rescale);
+    tile_gemm<T>(cols, rows, p.d, p.scale * static_cast<T>(kLog2e), p.k.row(b, hk, j0), p.k.sn, 1, query_t, kBlockQ,
+                 false, st, kBlockQ);
+    online_softmax_tile<T>(st, rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout, row_max, sums,
+                           rescale, row_keys.data(), p.dropout);
     if (j0 > 0)
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < p.dv; ++c) acc[r * p.dv + c] *= rescale[r];
-    if (p.dropout.active) apply_dropout<T>(s, rows, cols, row0, j0, p.dropout);
-    tile_gemm<T>(rows, p.dv, cols, T(1), s, kBlockK, 1, p.v.row(b, hk, j0), p.v.sn, true, acc, p.dv);
+    // O += P·V with P read transposed out of Sᵀ (strides swapped).
+    tile_gemm<T>(rows, p.dv, cols, T(1), st, 1, kBlockQ, p.v.row(b, hk, j0), p.v.sn, true, acc, p.dv);
   }
   for (int64_t r = 0; r < rows; ++r) {
     // A row with every key masked (sum 0) gives 0 and lse = +∞, so backward's exp(s − lse) is 0 there.
@@ -346,8 +325,8 @@ void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operan
     std::fill(dk_acc.begin(), dk_acc.end(), T(0));
     std::fill(dv_acc.begin(), dv_acc.end(), T(0));
     const T* k = p.k.row(b, hk, j0);
-    pack_transposed(k, p.k.sn, cols, p.d, key_t.data());
-    pack_transposed(p.v.row(b, hk, j0), p.v.sn, cols, p.dv, value_t.data());
+    pack_transposed(k, p.k.sn, cols, p.d, key_t.data(), kBlockK);
+    pack_transposed(p.v.row(b, hk, j0), p.v.sn, cols, p.dv, value_t.data(), kBlockK);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hk * group + g;
       // Causal: queries before j0 see none of these keys; start at the block holding query j0.
@@ -431,11 +410,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_kernel(const at::Tensor& qu
     // Causal blocks late in the sequence cost more; the dynamic OpenMP chunks of one task balance that.
     at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer;
+      std::vector<uint32_t> row_keys;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t block = task % blocks, h = (task / blocks) % heads, b = task / (blocks * heads);
         const int64_t i0 = block * kBlockQ;
         forward_block<scalar_t>(p, b, h, i0, out_data + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2),
-                                out.stride(2), lse_data + (b * heads + h) * nq + i0, buffer);
+                                out.stride(2), lse_data + (b * heads + h) * nq + i0, buffer, row_keys);
       }
     });
   });
