@@ -397,8 +397,10 @@ def _dropped_weights(weights: Tensor, dropout_p: float, batch: int, heads: int) 
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention``: same constructor, parameters, state_dict and forward signature.
 
-    The attention itself runs on fastdl's flash kernels. The packed self-attention projection is read in
-    place by the kernels (strided views of one (L, B, 3E) product, no per-head copies). With
+    The attention itself runs on fastdl's flash kernels, which read q, k and v as strided views of the
+    projections in whatever layout they come (batch-first or sequence-first; packed self-attention
+    projections split by ``unbind``, whose backward is one stacking copy rather than zero-filled
+    per-slice gradients), and write their output so that a batch-first result is a free view. With
     ``need_weights=True`` the weights must exist as an N×N tensor anyway, so that path computes them
     explicitly as torch does (with fastdl's dropout mask) and returns them.
     """
@@ -409,13 +411,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         same_kv = key is value
         self_attention = same_kv and query is key
-        if self.batch_first and is_batched:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # Batch-major inputs stay (B, L, E): no transposing copies in, and the output comes back as a view.
+        batch_major = self.batch_first and is_batched
+        seq_dim, batch_dim = (1, 0) if batch_major else (0, 1)
         if not is_batched:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        target_len, batch, embed = query.shape
+        target_len, batch, embed = query.shape[seq_dim], query.shape[batch_dim], query.shape[2]
+        source_len = key.shape[seq_dim]
         heads, head_dim = self.num_heads, self.head_dim
         if embed != self.embed_dim:
             raise AssertionError(f"MultiheadAttention: expected query embedding dim {self.embed_dim}, got {embed}")
@@ -430,31 +434,33 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                           target_type=query.dtype, check_other=False)
-
-        q, k, v = self._project(query, key, value, self_attention, same_kv)  # (L, B, H, Dh) views
         if attn_mask is not None:
-            expected = (target_len, key.shape[0]) if attn_mask.dim() == 2 else (batch * heads, target_len, key.shape[0])
+            expected = (target_len, source_len) if attn_mask.dim() == 2 else (batch * heads, target_len, source_len)
             if tuple(attn_mask.shape) != expected:
                 raise RuntimeError(f"MultiheadAttention: attn_mask should have shape {expected}, got {tuple(attn_mask.shape)}")
             attn_mask = attn_mask.view(1, 1, *expected) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *expected[1:])
+
+        q, k, v = self._project(query, key, value, self_attention, same_kv)  # (…, H, Dh) in the input's layout
         extra_keys = []
+        extra_shape = (batch, 1, heads, head_dim) if batch_major else (1, batch, heads, head_dim)
         if self.bias_k is not None:
-            extra_keys.append((self.bias_k.view(1, 1, heads, head_dim).expand(1, batch, heads, head_dim),
-                               self.bias_v.view(1, 1, heads, head_dim).expand(1, batch, heads, head_dim)))
+            extra_keys.append((self.bias_k.view(1, 1, heads, head_dim).expand(extra_shape),
+                               self.bias_v.view(1, 1, heads, head_dim).expand(extra_shape)))
         if self.add_zero_attn:
-            zeros = k.new_zeros(1, batch, heads, head_dim)
+            zeros = k.new_zeros(extra_shape)
             extra_keys.append((zeros, zeros))
         for extra_k, extra_v in extra_keys:
-            k, v = torch.cat([k, extra_k]), torch.cat([v, extra_v])
+            k, v = torch.cat([k, extra_k], dim=seq_dim), torch.cat([v, extra_v], dim=seq_dim)
             attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
             key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
-        source_len = k.shape[0]
+        source_len = k.shape[seq_dim]
         if key_padding_mask is not None:
             padding = key_padding_mask.view(batch, 1, 1, source_len)
             attn_mask = padding if attn_mask is None else attn_mask + padding
         dropout_p = self.dropout if self.training else 0.0
-        # (L, B, H, Dh) → (B, H, L, Dh): strided views, which the kernels read in place.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        # → (B, H, L, Dh): strided views, which the kernels read in place.
+        order = (0, 2, 1, 3) if batch_major else (1, 2, 0, 3)
+        q, k, v = (t.permute(order) for t in (q, k, v))
         weights = None
         if need_weights:
             scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
@@ -469,31 +475,28 @@ class MultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         else:
             out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal_kernel)
-        # (B, H, L, Dh) → (L, B, E): the kernels lay out their output as (B, L, H, Dh), so for
-        # batch_first this is a view and otherwise one transposing copy.
-        out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
+        # (B, H, L, Dh) → the input's layout. The kernels lay their output out as (B, L, H, Dh), so the
+        # batch-major case is a view and the sequence-first one a single transposing copy.
+        if batch_major:
+            out = out.transpose(1, 2).reshape(batch, target_len, embed)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if self.batch_first and is_batched:
-            out = out.transpose(0, 1)
-        elif not is_batched:
-            out = out.squeeze(1)
-        return out, weights
+        return (out if is_batched else out.squeeze(1)), weights
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool):
-        """The q, k, v projections as (L, B, H, Dh) views (packed weights: one matmul where inputs coincide)."""
+        """The q, k, v projections as (…, H, Dh) views (packed weights: one matmul where inputs coincide)."""
         heads, head_dim, embed = self.num_heads, self.head_dim, self.embed_dim
         split = lambda t: t.unflatten(-1, (heads, head_dim))  # noqa: E731
         if self._qkv_same_embed_dim:
             weight, bias = self.in_proj_weight, self.in_proj_bias
             if self_attention:
-                packed = F.linear(query, weight, bias).unflatten(-1, (3, heads, head_dim))
-                return packed[..., 0, :, :], packed[..., 1, :, :], packed[..., 2, :, :]
+                return F.linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
             weight_q, weight_kv = weight.split([embed, 2 * embed])
             bias_q, bias_kv = bias.split([embed, 2 * embed]) if bias is not None else (None, None)
             q = split(F.linear(query, weight_q, bias_q))
             if same_kv:
-                packed = F.linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim))
-                return q, packed[..., 0, :, :], packed[..., 1, :, :]
+                return (q, *F.linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
             weight_k, weight_v = weight_kv.chunk(2)
             bias_k, bias_v = bias_kv.chunk(2) if bias_kv is not None else (None, None)
             return q, split(F.linear(key, weight_k, bias_k)), split(F.linear(value, weight_v, bias_v))
