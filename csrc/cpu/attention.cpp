@@ -1,12 +1,13 @@
 // Scaled dot-product attention, CPU flash kernels (math in fastdl/ops/attention.py).
 //
 // Forward: a task is one (batch, query head, block of kBlockQ queries); tasks run in parallel. The task
-// walks the key blocks: S = Q·Kᵀ for the tile by BLAS, then one vectorized sweep applies the mask and
-// the online softmax in base 2 (log2 e is folded into the GEMM's alpha, so each probability is one
-// exp2), and O += P·V by BLAS. With causality the walk stops at the last key the block's last query
-// may see, so masked tiles are never computed; only the diagonal tile is masked element by element.
-// The N×N matrix never exists beyond one kBlockQ×kBlockK tile per thread. The log-sum-exp of every
-// row is saved for backward.
+// packs Qᵀ once and walks the key blocks: Sᵀ = K·Qᵀ for the tile (log2 e folded into the product's
+// scale, so each probability is one exp2), then vectorized sweeps add the mask and run the online
+// softmax in base 2, and O += P·V. The scores are kept transposed (keys down, queries across) so that
+// every per-query quantity — running max, sum, rescale factor — is a vector over queries and no loop
+// reduces horizontally. With causality the walk stops at the last key the block's last query may see,
+// so masked tiles are never computed; only the diagonal tile is masked element by element. The N×N
+// matrix never exists beyond one tile per thread. The log-sum-exp of every row is saved for backward.
 //
 // Backward: a task is one (batch, key/value head) — it owns the rows of dK and dV it writes and, since
 // it loops over all the query heads sharing that key/value head (GQA), the rows of dQ too, so no two
@@ -15,9 +16,9 @@
 // dS = P∘(Z∘dP − δ), dK += scale·dSᵀ·Q, dQ += scale·dS·K, with δ_i = dO_i·O_i computed once per row.
 //
 // The tile products are our own register-blocked micro-kernels (GCC vector extensions, compiled per ISA
-// by FASTDL_CPU_CLONES), not BLAS: on these small tiles MKL's dispatch keeps it off its fast paths on
-// some CPUs (on AMD it runs its generic kernels, at a third of what the AVX-512 clone here reaches), and
-// fusing the transposes into packing lets every product stream its right operand along contiguous rows.
+// by FASTDL_CPU_CLONES) rather than BLAS calls: they take any strides for the left operand (so Pᵀ and
+// dSᵀ cost nothing), and on this project's AMD test machine MKL runs its generic kernels anyway, which
+// these match (measured with perf: equal time in the products) without the per-call packing copies.
 //
 // Dropout: keep_ij is a hash of (seed, global row, column) — the same function as _dropout_bits in
 // fastdl/ops/attention.py — so backward regenerates the forward's mask without storing it.
