@@ -107,10 +107,13 @@ def test_any_rank_and_broadcast(backend, device, dtype, shapes, use_backend):
 
 
 @pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
-def test_scale_and_broadcast_bool_mask(backend, device, dtype, use_backend):
+def test_scale_and_broadcast_masks(backend, device, dtype, use_backend):
     inputs = _inputs(2, 2, 2, 6, 11, 16, 16)
     mask = torch.rand(2, 1, 1, 11, generator=_generator(6)) > 0.5
     _compare(backend, device, dtype, inputs, use_backend, attn_mask=mask, scale=0.37)
+    # A float mask broadcast along the keys (stride 0 in the kernels' last dim), with its gradient.
+    per_query = torch.randn(1, 2, 6, 1, dtype=torch.float64, generator=_generator(10), requires_grad=True)
+    _compare(backend, device, dtype, inputs + [per_query], use_backend, scale=0.37)
 
 
 @pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
