@@ -249,19 +249,26 @@ def _padded(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _config(kind: str, head_dim: int) -> dict:
-    """Tile shapes, warps and pipeline stages. Tuned for Hopper (H100/H200) — separately for forward,
-    dK/dV and dQ; big head dims shrink the tiles so that the accumulators stay in registers. The
-    interpreter (CPU tests) takes the smallest tiles: it runs every lane in Python."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class, for fp16/bf16 on Hopper. The
+# dK/dV kernel keeps two BLOCK_N × D fp32 accumulators in registers, hence its narrower tiles at D = 128.
+_CONFIGS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 8, 3), 256: (16, 32, 8, 2)},
+    "dq": {64: (128, 32, 4, 3), 128: (64, 32, 8, 3), 256: (32, 16, 8, 2)},
+}
+
+
+def _config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile shapes, warps and pipeline stages (tuned for Hopper, separately for forward, dK/dV and dQ).
+    fp32 tiles take twice the shared memory, so they are halved. The interpreter (CPU tests) takes the
+    smallest tiles: it runs every lane in Python."""
     if triton_interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16)
-    large = head_dim > 128
-    if kind == "forward":
-        return dict(BLOCK_M=64 if large else 128, BLOCK_N=32 if large else 64, num_warps=8 if not large else 4,
-                    num_stages=2 if large else 3)
-    if kind == "dkdv":
-        return dict(BLOCK_M=32, BLOCK_N=64 if large else 128, num_warps=8, num_stages=2 if large else 3)
-    return dict(BLOCK_M=64 if large else 128, BLOCK_N=32, num_warps=8, num_stages=2 if large else 3)
+    dims = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    block_m, block_n, warps, stages = _CONFIGS[kind][dims]
+    if dtype == torch.float32:
+        block_m, block_n, stages = max(16, block_m // 2), max(16, block_n // 2), min(stages, 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def _dropout_args(dropout_p: float, seed: int):
@@ -289,7 +296,7 @@ def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed
     out = query.new_empty(batch, nq, heads_q, value_dim).transpose(1, 2)
     lse = torch.empty(batch, heads_q, nq, device=query.device, dtype=torch.float32)
     precision, mask_arg, strides = _common(query, key, value, mask)
-    config = _config("forward", head_dim)
+    config = _config("forward", max(head_dim, value_dim), query.dtype)
     grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads_q)
     _attention_forward_kernel[grid](
         query, key, value, mask_arg, out, lse, *strides, *out.stride()[:3],
@@ -315,12 +322,12 @@ def attention_backward(grad_out, query, key, value, mask, out, lse, dropout_p, i
     common = (heads_q, heads_kv, nq, nk, head_dim, value_dim, scale * _LOG2E, scale, *_dropout_args(dropout_p, seed))
     flags = dict(HAS_MASK=mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0, PRECISION=precision,
                  BLOCK_D=_padded(head_dim), BLOCK_DV=_padded(value_dim))
-    config = _config("dkdv", head_dim)
+    config = _config("dkdv", max(head_dim, value_dim), query.dtype)
     _attention_backward_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads_kv)](
         query, key, value, mask_arg, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride()[:3], *common,
         **flags, **config,
     )
-    config = _config("dq", head_dim)
+    config = _config("dq", max(head_dim, value_dim), query.dtype)
     _attention_backward_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads_q)](
         query, key, value, mask_arg, grad_out, lse, delta, dq, dmask if mask_grad else dq, *strides,
         *grad_out.stride()[:3], *common, MASK_GRAD=mask_grad, **flags, **config,
