@@ -72,8 +72,9 @@ def _attention_forward_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    tiles = tl.cdiv(nq, BLOCK_M)  # one flat grid axis: no 65535 limit on batch × heads
+    start_m = (tl.program_id(0) % tiles) * BLOCK_M
+    bh = tl.program_id(0) // tiles
     b = bh // heads_q
     h = bh % heads_q
     hk = h // (heads_q // heads_kv)
@@ -146,8 +147,9 @@ def _attention_backward_dkdv_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    tiles = tl.cdiv(nk, BLOCK_N)
+    start_n = (tl.program_id(0) % tiles) * BLOCK_N
+    bhk = tl.program_id(0) // tiles
     b = bhk // heads_kv
     hk = bhk % heads_kv
     group = heads_q // heads_kv
@@ -202,8 +204,9 @@ def _attention_backward_dq_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    tiles = tl.cdiv(nq, BLOCK_M)  # one flat grid axis: no 65535 limit on batch × heads
+    start_m = (tl.program_id(0) % tiles) * BLOCK_M
+    bh = tl.program_id(0) // tiles
     b = bh // heads_q
     h = bh % heads_q
     hk = h // (heads_q // heads_kv)
@@ -297,7 +300,7 @@ def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed
     lse = torch.empty(batch, heads_q, nq, device=query.device, dtype=torch.float32)
     precision, mask_arg, strides = _common(query, key, value, mask)
     config = _config("forward", max(head_dim, value_dim), query.dtype)
-    grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads_q)
+    grid = (triton.cdiv(nq, config["BLOCK_M"]) * batch * heads_q,)
     _attention_forward_kernel[grid](
         query, key, value, mask_arg, out, lse, *strides, *out.stride()[:3],
         heads_q, heads_kv, nq, nk, head_dim, value_dim, scale * _LOG2E, *_dropout_args(dropout_p, seed),
@@ -323,12 +326,12 @@ def attention_backward(grad_out, query, key, value, mask, out, lse, dropout_p, i
     flags = dict(HAS_MASK=mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0, PRECISION=precision,
                  BLOCK_D=_padded(head_dim), BLOCK_DV=_padded(value_dim))
     config = _config("dkdv", max(head_dim, value_dim), query.dtype)
-    _attention_backward_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads_kv)](
+    _attention_backward_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]) * batch * heads_kv,)](
         query, key, value, mask_arg, grad_out, lse, delta, dk, dv, *strides, *grad_out.stride()[:3], *common,
         **flags, **config,
     )
     config = _config("dq", max(head_dim, value_dim), query.dtype)
-    _attention_backward_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads_q)](
+    _attention_backward_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]) * batch * heads_q,)](
         query, key, value, mask_arg, grad_out, lse, delta, dq, dmask if mask_grad else dq, *strides,
         *grad_out.stride()[:3], *common, MASK_GRAD=mask_grad, **flags, **config,
     )

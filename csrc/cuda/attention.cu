@@ -151,8 +151,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   float* row_sum = carve.take<float>(kBM);
   float* rescale = carve.take<float>(kBM);
 
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t b = blockIdx.y / p.heads_q, h = blockIdx.y % p.heads_q;
+  const int64_t tiles = (p.nq + kBM - 1) / kBM;  // one flat grid axis: no 65535 limit on batch × heads
+  const int64_t i0 = (blockIdx.x % tiles) * kBM, bh = blockIdx.x / tiles;
+  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const T* qg = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
   const T* kg = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
@@ -254,8 +255,9 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(Params p) {
   float* lse2 = carve.take<float>(kBM);
   float* delta = carve.take<float>(kBM);
 
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int64_t b = blockIdx.y / p.heads_kv, hk = blockIdx.y % p.heads_kv;
+  const int64_t tiles = (p.nk + kBN - 1) / kBN;
+  const int64_t j0 = (blockIdx.x % tiles) * kBN, bh = blockIdx.x / tiles;
+  const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
   const int64_t group = p.heads_q / p.heads_kv;
   stage<T, kPad>(k, kBN, static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1], p.sk[2], j0, p.nk, p.d);
   stage<T, kPad>(v, kBN, static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1], p.sv[2], j0, p.nk, p.dv_dim);
@@ -302,8 +304,9 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(Params p) {
   float* lse2 = carve.take<float>(kBM);
   float* delta = carve.take<float>(kBM);
 
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t b = blockIdx.y / p.heads_q, h = blockIdx.y % p.heads_q;
+  const int64_t tiles = (p.nq + kBM - 1) / kBM;  // one flat grid axis: no 65535 limit on batch × heads
+  const int64_t i0 = (blockIdx.x % tiles) * kBM, bh = blockIdx.x / tiles;
+  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   stage_query_rows<T, kPad, kBM, kBN>(p, q, go, lse2, delta, b, h, i0);
   for (int idx = threadIdx.x; idx < kBM * kPad; idx += blockDim.x) dq[idx] = 0.0f;
@@ -349,7 +352,7 @@ constexpr size_t backward_smem(int pad, int bm, int bn) {
 
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Params& p) {
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  if (grid.x == 0) return cudaSuccess;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (status != cudaSuccess) return status;
   kernel<<<grid, kThreads, smem, stream>>>(p);
@@ -360,7 +363,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, c
 template <typename T, int kPad>
 cudaError_t run_forward(const Params& p, cudaStream_t stream) {
   constexpr int bm = kPad >= 256 ? 32 : 64, bn = kPad >= 128 ? 32 : 64;
-  const dim3 grid(static_cast<unsigned>((p.nq + bm - 1) / bm), static_cast<unsigned>(p.batch * p.heads_q));
+  const dim3 grid(static_cast<unsigned>((p.nq + bm - 1) / bm * p.batch * p.heads_q));
   return launch(forward_kernel<T, kPad, bm, bn>, grid, forward_smem<T>(kPad, bm, bn), stream, p);
 }
 
@@ -368,10 +371,10 @@ template <typename T, int kPad>
 cudaError_t run_backward(const Params& p, cudaStream_t stream) {
   constexpr int bm = kPad >= 256 ? 16 : 32, bn = kPad >= 256 ? 16 : 32;
   const size_t smem = backward_smem<T>(kPad, bm, bn);
-  const dim3 kv_grid(static_cast<unsigned>((p.nk + bn - 1) / bn), static_cast<unsigned>(p.batch * p.heads_kv));
+  const dim3 kv_grid(static_cast<unsigned>((p.nk + bn - 1) / bn * p.batch * p.heads_kv));
   cudaError_t status = launch(backward_dkdv_kernel<T, kPad, bm, bn>, kv_grid, smem, stream, p);
   if (status != cudaSuccess) return status;
-  const dim3 q_grid(static_cast<unsigned>((p.nq + bm - 1) / bm), static_cast<unsigned>(p.batch * p.heads_q));
+  const dim3 q_grid(static_cast<unsigned>((p.nq + bm - 1) / bm * p.batch * p.heads_q));
   return launch(backward_dq_kernel<T, kPad, bm, bn>, q_grid, smem, stream, p);
 }
 
