@@ -199,9 +199,10 @@ def test_opcheck(backend, use_backend):
                               (out, q.detach(), k.detach(), v.detach(), mask, out, lse, 0.2, False, 0.25, 7, True))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(compiler):
     module = MultiheadAttention(32, 4, batch_first=True)
-    compiled = torch.compile(lambda x: module(x, x, x, need_weights=False)[0], fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x: module(x, x, x, need_weights=False)[0], fullgraph=True, backend=compiler)
     x = torch.randn(2, 9, 32, requires_grad=True)
     y = compiled(x)
     y.sum().backward()
