@@ -353,3 +353,8 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+def test_cpu_kernel_takes_head_dims_above_256(use_backend):
+    """Only the GPU kernels stop at 256 (shared memory); the CPU kernel takes any head dim."""
+    _compare("native", "cpu", torch.float32, _inputs(1, 2, 1, 5, 9, 320, 300), use_backend, is_causal=True)
