@@ -248,6 +248,7 @@ def _(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, sc
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # an output for backward's use, not part of the functional's result
     # Backward recomputes the scores tile by tile from q, k, v (and the mask); lse turns them into
     # probabilities without a second softmax pass, and out gives δ_i = g_i · o_i in one row reduction.
     ctx.save_for_backward(query, key, value, attn_mask, out, lse)
@@ -255,7 +256,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
 
 
-def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     query, key, value, attn_mask, out, lse = ctx.saved_tensors
     dropout_p, is_causal, scale, seed = ctx.hyperparameters
     grad_q, grad_k, grad_v, grad_mask = _backward_op(
