@@ -4,7 +4,7 @@
 //
 // Forward: a CTA (4 warps) owns BM queries of one (batch, query head) and walks the key tiles: Q, K, V
 // tiles are staged in shared memory, S = Q·Kᵀ and O += P·V run on tensor cores (WMMA 16×16×16, fp16/bf16
-// in, fp32 accumulate), the online softmax in base 2 (log2 e folded into the scale) runs one thread per
+// in, fp32 accumulate), the online softmax in base 2 (log2 e folded into the scale) runs a warp per
 // query row between them. Causal CTAs stop at their last visible key. O accumulates in fp32 in shared
 // memory (a row rescale needs element-wise access the opaque WMMA fragments do not give), and the
 // log-sum-exp of every row is written for backward.
@@ -173,21 +173,29 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
     __syncthreads();
     tile_product<T, true, false>(s, kBN, q, kPad, k, kPad, kBM, kBN, kPad, false);  // S = Q·Kᵀ
     __syncthreads();
-    for (int r = threadIdx.x; r < kBM; r += blockDim.x) {  // one thread per query row
+    // A warp per query row, its lanes across the row's keys; row statistics by warp shuffles. Every lane
+    // reads row_max[r] before the shuffles that precede lane 0's update of it.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int r = warp; r < kBM; r += kThreads / 32) {
       float tile_max = -INFINITY;
-      for (int c = 0; c < kBN; ++c) tile_max = fmaxf(tile_max, score<T>(p, s, kBN, r, c, i0 + r, j0 + c, b, h));
-      const float new_max = fmaxf(row_max[r], tile_max);
+      for (int c = lane; c < kBN; c += 32) tile_max = fmaxf(tile_max, score<T>(p, s, kBN, r, c, i0 + r, j0 + c, b, h));
+      for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      const float old_max = row_max[r];
+      const float new_max = fmaxf(old_max, tile_max);
       const float shift = new_max == -INFINITY ? 0.0f : new_max;  // a row masked so far keeps weight 0
       float sum = 0.0f;
-      for (int c = 0; c < kBN; ++c) {
+      for (int c = lane; c < kBN; c += 32) {
         const float value = exp2f(score<T>(p, s, kBN, r, c, i0 + r, j0 + c, b, h) - shift);
         sum += value;
         const float dropped = p.dropout ? value * keep_multiplier(p, row0 + r, j0 + c) : value;
         prob[r * kBN + c] = from_float<T>(dropped);
       }
-      rescale[r] = exp2f(row_max[r] - shift);
-      row_sum[r] = row_sum[r] * rescale[r] + sum;
-      row_max[r] = new_max;
+      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      if (lane == 0) {
+        rescale[r] = exp2f(old_max - shift);
+        row_sum[r] = row_sum[r] * rescale[r] + sum;
+        row_max[r] = new_max;
+      }
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < kBM * kPad; idx += blockDim.x) o[idx] *= rescale[idx / kPad];
