@@ -1,0 +1,508 @@
+"""Attention: ``scaled_dot_product_attention`` and ``MultiheadAttention``, drop-in twins of
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+
+For one batch index and query head h (key/value head h // (Hq / Hk) under grouped-query attention), with
+scores s_ij = scale · q_i · k_j + mask_ij (−∞ where a boolean mask is False or causality forbids j > i,
+the top-left alignment torch uses when Nq ≠ Nk):
+
+    lse_i = log Σ_j exp(s_ij)          p_ij = exp(s_ij − lse_i)          o_i = Σ_j p_ij · z_ij · v_j
+
+with z_ij = keep_ij / (1 − dropout_p) (z = 1 without dropout). A row whose every score is −∞ gives o_i = 0
+and zero gradients, as torch does. Backward, with g = ∂L/∂o and δ_i = g_i · o_i:
+
+    ∂L/∂v_j = Σ_i p_ij z_ij g_i        ds_ij = p_ij (z_ij g_i · v_j − δ_i)        (= ∂L/∂mask_ij)
+    ∂L/∂q_i = scale Σ_j ds_ij k_j      ∂L/∂k_j = scale Σ_i ds_ij q_i
+
+Every kernel is flash attention: tiles of queries against tiles of keys with an online softmax (exp2, with
+log2 e folded into the scale), the Nq×Nk matrix never stored, lse_i saved for backward, the tiles
+recomputed there, and tiles that causality masks entirely skipped.
+
+Dropout draws keep_ij from a counter-based hash of (seed, global row, column) — ``_dropout_bits`` below is
+its definition, which the C++, CUDA and Triton kernels reproduce bit for bit — so backward recomputes the
+forward's mask instead of storing it, and every backend drops the same elements for the same seed. The
+seed is drawn from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible.
+
+Layers: kernels in ``csrc/cpu/attention.cpp``, ``csrc/cuda/attention.cu`` and ``triton_kernels/attention.py``;
+here the ``torch.library`` ops ``fastdl::attention_forward`` and ``fastdl::attention_backward`` on canonical
+4-D tensors (fake kernels and autograd included), the broadcasting that brings any input torch accepts to
+that form, backend selection, the functional and the module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._backends import Kernel, OpKernels
+
+__all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
+
+_CPU_NATIVE = frozenset({torch.float32, torch.float64})
+_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_MASK32 = 0xFFFFFFFF
+
+
+def _head_dim_limit(query: Tensor, key: Tensor, value: Tensor, *args) -> str | None:
+    # The GPU kernels stage whole head dims in shared memory/registers; the CPU kernel takes any.
+    if query.device.type == "cuda" and (query.shape[-1] > 256 or value.shape[-1] > 256):
+        return f"head dims {query.shape[-1]}/{value.shape[-1]}: the GPU kernels take at most 256"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout: the counter-based hash shared by every backend.
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective avalanche mix of 32-bit values held in int64 (products wrap; the mask keeps 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _dropout_bits(seed: int, rows: Tensor, columns: Tensor) -> Tensor:
+    """32 random bits for every (global row, column): row = (batch·Hq + head)·Nq + query index."""
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    row_key = _mix32(_mix32((rows & _MASK32) ^ seed_lo) ^ (rows >> 32) ^ seed_hi)
+    return _mix32(row_key ^ columns)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Element (i, j) is kept when its 32 bits are ≥ this: a fraction 1 − p of all bit patterns."""
+    return min(int(round(dropout_p * 2.0**32)), 2**32)
+
+
+def dropout_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def dropout_multiplier(seed: int, dropout_p: float, batch: int, heads: int, nq: int, nk: int, device,
+                       dtype: torch.dtype) -> Tensor:
+    """z_ij = keep_ij / (1 − p), shape (batch, heads, nq, nk): the mask every backend applies."""
+    rows = torch.arange(batch * heads * nq, device=device, dtype=torch.int64).view(batch, heads, nq, 1)
+    columns = torch.arange(nk, device=device, dtype=torch.int64)
+    keep = _dropout_bits(seed, rows, columns) >= dropout_threshold(dropout_p)
+    return keep.to(dtype) * dropout_scale(dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference kernels: plain PyTorch, the spec and the fallback. They materialize the score matrix.
+
+
+def _output_like(query: Tensor, value: Tensor) -> Tensor:
+    """The output every backend returns: logically (B, Hq, Nq, Dv), laid out (B, Nq, Hq, Dv) in memory
+    (as torch's own CPU flash kernel does), so that MultiheadAttention reads it as (B, Nq, E) for free."""
+    batch, heads, nq, _ = query.shape
+    return query.new_empty(batch, nq, heads, value.shape[-1]).transpose(1, 2)
+
+
+def _lse_like(query: Tensor) -> Tensor:
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return query.new_empty(query.shape[:3], dtype=dtype)
+
+
+def _reference_scores(query, key, mask, is_causal, scale):
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    group = query.shape[1] // key.shape[1]
+    key = key.to(compute).repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.to(compute), key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.to(compute)
+    if is_causal:
+        nq, nk = scores.shape[-2:]
+        allowed = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores
+
+
+def _reference_probabilities(scores: Tensor, lse: Tensor) -> Tensor:
+    # lse = +inf marks a fully masked row: exp(−inf − inf) = 0 there.
+    return torch.exp(scores - lse.unsqueeze(-1))
+
+
+def _reference_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
+    scores = _reference_scores(query, key, mask, is_causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)
+    probabilities = _reference_probabilities(scores, lse)
+    if dropout_p > 0:
+        probabilities = probabilities * dropout_multiplier(seed, dropout_p, *scores.shape, scores.device, scores.dtype)
+    group = query.shape[1] // key.shape[1]
+    value = value.to(scores.dtype).repeat_interleave(group, dim=1)
+    out = _output_like(query, value)
+    out.copy_(torch.matmul(probabilities, value))
+    return out, lse.to(_lse_like(query).dtype)
+
+
+def _reference_backward(grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    scores = _reference_scores(query, key, mask, is_causal, scale)
+    compute = scores.dtype
+    probabilities = _reference_probabilities(scores, lse.to(compute))
+    group = query.shape[1] // key.shape[1]
+    batch, heads_kv = key.shape[:2]
+    key_r = key.to(compute).repeat_interleave(group, dim=1)
+    value_r = value.to(compute).repeat_interleave(group, dim=1)
+    grad = grad_out.to(compute)
+    dropped = probabilities
+    grad_p = torch.matmul(grad, value_r.transpose(-1, -2))
+    if dropout_p > 0:
+        multiplier = dropout_multiplier(seed, dropout_p, *scores.shape, scores.device, compute)
+        dropped = probabilities * multiplier
+        grad_p = grad_p * multiplier
+    delta = (grad * out.to(compute)).sum(-1, keepdim=True)
+    grad_s = probabilities * (grad_p - delta)
+    grad_q = torch.matmul(grad_s, key_r) * scale
+    grad_k = torch.matmul(grad_s.transpose(-1, -2), query.to(compute)) * scale
+    grad_v = torch.matmul(dropped.transpose(-1, -2), grad)
+    grad_k = grad_k.view(batch, heads_kv, group, *grad_k.shape[2:]).sum(2)
+    grad_v = grad_v.view(batch, heads_kv, group, *grad_v.shape[2:]).sum(2)
+    grad_mask = grad_s.to(query.dtype) if mask_grad else query.new_empty(0)
+    return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), grad_mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Native (C++ / CUDA C++) and Triton kernels.
+
+
+def _native_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
+    return torch.ops.fastdl.attention_forward_kernel(query, key, value, mask, dropout_p, is_causal, scale, seed)
+
+
+def _native_backward(grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    return torch.ops.fastdl.attention_backward_kernel(
+        grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad
+    )
+
+
+def _triton_forward(*args):
+    from ..triton_kernels.attention import attention_forward
+
+    return attention_forward(*args)
+
+
+def _triton_backward(*args):
+    from ..triton_kernels.attention import attention_backward
+
+    return attention_backward(*args)
+
+
+def _kernels(op: str, native, triton, reference) -> OpKernels:
+    return OpKernels(
+        op,
+        [
+            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}, limits=_head_dim_limit),
+            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
+            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}, limits=_head_dim_limit),
+            Kernel("reference", reference, {}),
+        ],
+    )
+
+
+_FORWARD = _kernels("fastdl.scaled_dot_product_attention", _native_forward, _triton_forward, _reference_forward)
+_BACKWARD = _kernels("fastdl.scaled_dot_product_attention (backward)", _native_backward, _triton_backward,
+                     _reference_backward)
+
+
+@torch.library.custom_op("fastdl::attention_forward", mutates_args=())
+def _forward_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                is_causal: bool, scale: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Canonical attention: query (B, Hq, Nq, D), key (B, Hk, Nk, D), value (B, Hk, Nk, Dv) with Hq a
+    multiple of Hk, attn_mask None or an additive (B, Hq, Nq, Nk) mask (broadcast views welcome).
+    Returns the output and the natural-log lse (B, Hq, Nq) in fp32 (fp64 for fp64 inputs)."""
+    if query.numel() == 0 or value.shape[-1] == 0:
+        return _output_like(query, value).zero_(), _lse_like(query).fill_(float("inf"))
+    kernel = _FORWARD.select(query.device, query.dtype, query, key, value)
+    return kernel.run(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+
+
+@_forward_op.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    return _output_like(query, value), _lse_like(query)
+
+
+@torch.library.custom_op("fastdl::attention_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                 out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool, scale: float, seed: int,
+                 mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of query, key, value and (when ``mask_grad``, else an empty tensor) of the mask."""
+    if query.numel() == 0 or key.numel() == 0 or value.shape[-1] == 0:
+        grad_mask = query.new_zeros(query.shape[:3] + key.shape[2:3]) if mask_grad else query.new_empty(0)
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), grad_mask
+    kernel = _BACKWARD.select(query.device, query.dtype, query, key, value)
+    return kernel.run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad)
+
+
+@_backward_op.register_fake
+def _(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    grad_mask = query.new_empty(query.shape[:3] + key.shape[2:3]) if mask_grad else query.new_empty(0)
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            torch.empty_like(key, memory_format=torch.contiguous_format),
+            torch.empty_like(value, memory_format=torch.contiguous_format), grad_mask)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # an output for backward's use, not part of the functional's result
+    # Backward recomputes the scores tile by tile from q, k, v (and the mask); lse turns them into
+    # probabilities without a second softmax pass, and out gives δ_i = g_i · o_i in one row reduction.
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.hyperparameters = (dropout_p, is_causal, scale, seed)
+    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    dropout_p, is_causal, scale, seed = ctx.hyperparameters
+    grad_q, grad_k, grad_v, grad_mask = _backward_op(
+        grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, ctx.mask_grad
+    )
+    return grad_q, grad_k, grad_v, grad_mask if ctx.mask_grad else None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The functional: torch's argument checks and broadcasting, down to the canonical 4-D op.
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
+    # The exception types and wording follow F.scaled_dot_product_attention's for the same mistakes.
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor, got {type(tensor).__name__}")
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key and value of at least 2 dimensions, got "
+            f"query.dim() {query.dim()}, key.dim() {key.dim()}, value.dim() {value.dim()}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key and value of the same dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not query.is_floating_point():
+        raise RuntimeError(f"scaled_dot_product_attention: expected floating-point query, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key and value on the same device, got "
+            f"{query.device}, {key.device}, {value.device}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query and key head dims differ ({query.shape[-1]} vs {key.shape[-1]})"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key and value sequence lengths differ ({key.shape[-2]} vs {value.shape[-2]})"
+        )
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"scaled_dot_product_attention: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: expected attn_mask of dtype bool or {query.dtype} (the query's), "
+                f"got {attn_mask.dtype}"
+            )
+        if is_causal:
+            raise RuntimeError("scaled_dot_product_attention: attn_mask must be None when is_causal=True")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if enable_gqa and (query.dim() < 3 or key.dim() < 3 or key.shape[-3] != value.shape[-3]
+                       or query.shape[-3] % key.shape[-3] != 0):
+        raise RuntimeError(
+            "scaled_dot_product_attention: with enable_gqa, key and value must have the same number of heads "
+            f"(dim -3) and it must divide the query's; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}"
+        )
+
+
+def _canonical(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, enable_gqa: bool):
+    """Brings inputs of any rank ≥ 2 to (B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv) and an additive
+    (B, Hq, Nq, Nk) mask (expanded, so broadcast dims cost nothing). Returns them and the output shape."""
+    rank = max(query.dim(), key.dim(), value.dim(), 3)
+    query, key, value = (t.reshape((1,) * (rank - t.dim()) + t.shape) for t in (query, key, value))
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        if enable_gqa:
+            heads_q, heads_kv = query.shape[-3], key.shape[-3]
+        else:
+            heads_q = torch.broadcast_shapes(query.shape[-3:-2], key.shape[-3:-2], value.shape[-3:-2])[0]
+            # A single key/value head shared by every query head is grouped-query attention with one
+            # group: no copy. Any other broadcast of heads is materialized.
+            heads_kv = 1 if key.shape[-3] == value.shape[-3] == 1 else heads_q
+    except RuntimeError as error:
+        raise RuntimeError(f"scaled_dot_product_attention: batch dimensions do not broadcast: {error}") from None
+    nq, nk = query.shape[-2], key.shape[-2]
+    flat = math.prod(batch)
+    query = query.expand(*batch, heads_q, nq, query.shape[-1]).reshape(flat, heads_q, nq, query.shape[-1])
+    key = key.expand(*batch, heads_kv, nk, key.shape[-1]).reshape(flat, heads_kv, nk, key.shape[-1])
+    value = value.expand(*batch, heads_kv, nk, value.shape[-1]).reshape(flat, heads_kv, nk, value.shape[-1])
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~attn_mask.to(query.device), float("-inf"))
+        try:
+            attn_mask = attn_mask.expand(*batch, heads_q, nq, nk)
+        except RuntimeError:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                f"to the scores' shape {(*batch, heads_q, nq, nk)}"
+            ) from None
+        attn_mask = attn_mask.reshape(flat, heads_q, nq, nk)
+    return query, key, value, attn_mask, (*batch, heads_q, nq, value.shape[-1])
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    r"""Scaled dot-product attention, the same numbers as ``F.scaled_dot_product_attention``.
+
+    .. math::
+        \mathrm{out} = \mathrm{dropout}\Big(\mathrm{softmax}\big(\mathrm{scale}\cdot QK^\top + M\big)\Big)\, V
+
+    ``scale`` defaults to 1/√D. ``attn_mask`` is boolean (True = attend) or additive in the query's dtype,
+    broadcast against (…, Hq, Nq, Nk); ``is_causal`` masks key j > query i (top-left aligned when
+    Nq ≠ Nk, as torch does) and excludes ``attn_mask``. ``enable_gqa`` lets Hk divide Hq. Rows with every
+    key masked give 0. Dropout uses fastdl's counter-based mask (seeded from torch's generator), so it
+    matches torch in distribution, not element by element. Differentiable in query, key, value and a
+    float ``attn_mask``.
+    """
+    _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    rank = max(query.dim(), key.dim(), value.dim())
+    q4, k4, v4, mask4, shape = _canonical(query, key, value, attn_mask, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
+    out, _ = _forward_op(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), seed)
+    # Rank-2 inputs were given a head dim of 1 by _canonical; drop it again.
+    return out.reshape(shape[3 - rank:] if rank < 3 else shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module.
+
+
+def _dropped_weights(weights: Tensor, dropout_p: float, batch: int, heads: int) -> Tensor:
+    """The attention weights after fastdl's dropout (the same elements the kernels drop for a seed)."""
+    seed = int(torch.randint(0, 2**62, ()).item())
+    multiplier = dropout_multiplier(seed, dropout_p, batch, heads, *weights.shape[-2:], weights.device, weights.dtype)
+    return weights * multiplier.view(weights.shape)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in ``nn.MultiheadAttention``: same constructor, parameters, state_dict and forward signature.
+
+    The attention itself runs on fastdl's flash kernels, which read q, k and v as strided views of the
+    projections in whatever layout they come (batch-first or sequence-first; packed self-attention
+    projections split by ``unbind``, whose backward is one stacking copy rather than zero-filled
+    per-slice gradients), and write their output so that a batch-first result is a free view. With
+    ``need_weights=True`` the weights must exist as an N×N tensor anyway, so that path computes them
+    explicitly as torch does (with fastdl's dropout mask) and returns them.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        same_kv = key is value
+        self_attention = same_kv and query is key
+        # Batch-major inputs stay (B, L, E): no transposing copies in, and the output comes back as a view.
+        batch_major = self.batch_first and is_batched
+        seq_dim, batch_dim = (1, 0) if batch_major else (0, 1)
+        if not is_batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        target_len, batch, embed = query.shape[seq_dim], query.shape[batch_dim], query.shape[2]
+        source_len = key.shape[seq_dim]
+        heads, head_dim = self.num_heads, self.head_dim
+        if embed != self.embed_dim:
+            raise AssertionError(f"MultiheadAttention: expected query embedding dim {self.embed_dim}, got {embed}")
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal=True is a hint that needs attn_mask (the causal mask)")
+        causal_kernel = is_causal and key_padding_mask is None and not need_weights
+        if causal_kernel:
+            attn_mask = None  # the kernel's causal mode replaces the given causal mask, skipping its tiles
+        else:
+            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                          target_type=query.dtype, check_other=False)
+        if attn_mask is not None:
+            expected = (target_len, source_len) if attn_mask.dim() == 2 else (batch * heads, target_len, source_len)
+            if tuple(attn_mask.shape) != expected:
+                raise RuntimeError(f"MultiheadAttention: attn_mask should have shape {expected}, got {tuple(attn_mask.shape)}")
+            attn_mask = attn_mask.view(1, 1, *expected) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *expected[1:])
+
+        q, k, v = self._project(query, key, value, self_attention, same_kv)  # (…, H, Dh) in the input's layout
+        extra_keys = []
+        extra_shape = (batch, 1, heads, head_dim) if batch_major else (1, batch, heads, head_dim)
+        if self.bias_k is not None:
+            extra_keys.append((self.bias_k.view(1, 1, heads, head_dim).expand(extra_shape),
+                               self.bias_v.view(1, 1, heads, head_dim).expand(extra_shape)))
+        if self.add_zero_attn:
+            zeros = k.new_zeros(extra_shape)
+            extra_keys.append((zeros, zeros))
+        for extra_k, extra_v in extra_keys:
+            k, v = torch.cat([k, extra_k], dim=seq_dim), torch.cat([v, extra_v], dim=seq_dim)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+        source_len = k.shape[seq_dim]
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, source_len)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        dropout_p = self.dropout if self.training else 0.0
+        # → (B, H, L, Dh): strided views, which the kernels read in place.
+        order = (0, 2, 1, 3) if batch_major else (1, 2, 0, 3)
+        q, k, v = (t.permute(order) for t in (q, k, v))
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0:
+                weights = _dropped_weights(weights, dropout_p, batch, heads)
+            out = torch.matmul(weights, v)
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+            if not is_batched:
+                weights = weights.squeeze(0)
+        else:
+            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal_kernel)
+        # (B, H, L, Dh) → the input's layout. The kernels lay their output out as (B, L, H, Dh), so the
+        # batch-major case is a view and the sequence-first one a single transposing copy.
+        if batch_major:
+            out = out.transpose(1, 2).reshape(batch, target_len, embed)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return (out if is_batched else out.squeeze(1)), weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool):
+        """The q, k, v projections as (…, H, Dh) views (packed weights: one matmul where inputs coincide)."""
+        heads, head_dim, embed = self.num_heads, self.head_dim, self.embed_dim
+        split = lambda t: t.unflatten(-1, (heads, head_dim))  # noqa: E731
+        if self._qkv_same_embed_dim:
+            weight, bias = self.in_proj_weight, self.in_proj_bias
+            if self_attention:
+                return F.linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
+            weight_q, weight_kv = weight.split([embed, 2 * embed])
+            bias_q, bias_kv = bias.split([embed, 2 * embed]) if bias is not None else (None, None)
+            q = split(F.linear(query, weight_q, bias_q))
+            if same_kv:
+                return (q, *F.linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
+            weight_k, weight_v = weight_kv.chunk(2)
+            bias_k, bias_v = bias_kv.chunk(2) if bias_kv is not None else (None, None)
+            return q, split(F.linear(key, weight_k, bias_k)), split(F.linear(value, weight_v, bias_v))
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return (split(F.linear(query, self.q_proj_weight, biases[0])),
+                split(F.linear(key, self.k_proj_weight, biases[1])),
+                split(F.linear(value, self.v_proj_weight, biases[2])))

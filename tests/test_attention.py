@@ -1,0 +1,360 @@
+"""scaled_dot_product_attention / MultiheadAttention on every backend against torch in fp64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdl
+from fastdl.ops import MultiheadAttention, scaled_dot_product_attention
+from fastdl.ops.attention import dropout_multiplier
+from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+
+CASES = backend_device_cases()
+FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# (batch, query heads, key/value heads, Nq, Nk, D, Dv, causal, mask): odd lengths, Nq ≠ Nk both ways
+# under causality, GQA, boolean masks with fully masked rows, float masks that broadcast and need grad,
+# and the head dims of the issue.
+SHAPES = [
+    (2, 3, 3, 17, 17, 16, 16, False, None),
+    (1, 2, 2, 33, 33, 64, 64, True, None),
+    (1, 2, 2, 5, 19, 16, 16, True, None),
+    (1, 2, 2, 19, 5, 16, 32, True, None),
+    (2, 4, 2, 9, 13, 32, 24, False, "bool"),
+    (2, 2, 2, 9, 13, 16, 16, False, "float"),
+    (2, 2, 1, 7, 70, 80, 80, False, "float-per-head"),
+    (1, 1, 1, 1, 1, 16, 16, False, None),
+    (1, 2, 2, 3, 40, 128, 128, True, None),
+    (1, 1, 1, 5, 9, 256, 256, False, None),
+]
+
+
+def _mask(kind, batch, heads, nq, nk):
+    if kind is None:
+        return None
+    if kind == "bool":
+        mask = torch.rand(nq, nk, generator=_generator(3)) > 0.3
+        mask[2] = False  # a fully masked row
+        return mask
+    shape = (batch, 1, nq, nk) if kind == "float" else (1, heads, nq, nk)
+    mask = torch.randn(shape, dtype=torch.float64, generator=_generator(4))
+    mask[..., 1, :] = float("-inf")  # a fully masked row
+    return mask.requires_grad_()
+
+
+def _inputs(batch, heads_q, heads_kv, nq, nk, d, dv, seed=0):
+    g = _generator(seed)
+    return [torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_()
+            for shape in ((batch, heads_q, nq, d), (batch, heads_kv, nk, d), (batch, heads_kv, nk, dv))]
+
+
+def _compare(backend, device, dtype, inputs, use_backend, **kwargs):
+    """Ours on (backend, device, dtype) against torch in fp64: output and the grad of every input."""
+    gqa = inputs[0].dim() >= 3 and inputs[1].dim() >= 3 and inputs[0].shape[-3] != inputs[1].shape[-3]
+    oracle = lambda *t: F.scaled_dot_product_attention(*t, enable_gqa=gqa, **kwargs)  # noqa: E731
+    ours = lambda *t: scaled_dot_product_attention(*t, enable_gqa=gqa, **kwargs)  # noqa: E731
+    out_shape = oracle(*[t.detach() for t in inputs]).shape
+    grad = [torch.randn(out_shape, dtype=torch.float64, generator=_generator(1))]
+    (expected,), expected_grads = outputs_and_grads(oracle, inputs, grad, dtype=torch.float64, device="cpu")
+    with use_backend(backend, device):
+        (actual,), actual_grads = outputs_and_grads(ours, inputs, grad, dtype=dtype, device=device)
+    eager, eager_grads = None, [None] * len(inputs)
+    if dtype in (torch.float16, torch.bfloat16):
+        (eager,), eager_grads = outputs_and_grads(oracle, inputs, grad, dtype=dtype, device=device)
+    assert actual.dtype == dtype and actual.device.type == device
+    assert_close(actual, expected, eager=eager, name="output")
+    for name, a, e, eg in zip(("query", "key", "value", "attn_mask"), actual_grads, expected_grads, eager_grads):
+        assert_close(a, e, eager=eg, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda v: "-".join(map(str, v)))
+def test_matches_torch(backend, device, dtype, shape, use_backend):
+    batch, heads_q, heads_kv, nq, nk, d, dv, causal, mask_kind = shape
+    inputs = _inputs(batch, heads_q, heads_kv, nq, nk, d, dv)
+    mask = _mask(mask_kind, batch, heads_q, nq, nk)
+    if mask is not None and mask.requires_grad:
+        inputs.append(mask)
+        _compare(backend, device, dtype, inputs, use_backend, is_causal=causal)
+    else:
+        _compare(backend, device, dtype, inputs, use_backend, attn_mask=mask, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[0] != "triton" or c.values[1] == "cuda"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_sequence(backend, device, dtype, causal, use_backend):
+    """N = 1000: many tiles, a ragged last tile, and causal tiles skipped."""
+    _compare(backend, device, dtype, _inputs(1, 2, 2, 1000, 1000, 64, 64), use_backend, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.parametrize(
+    "shapes",
+    [((7, 16), (9, 16), (9, 8)), ((3, 5, 16), (3, 9, 16), (3, 9, 16)), ((2, 1, 2, 5, 16), (1, 3, 1, 9, 16), (1, 3, 1, 9, 8)),
+     ((2, 3, 5, 16), (2, 1, 9, 16), (2, 1, 9, 16))],
+    ids=["rank2", "rank3", "rank5-broadcast", "one-kv-head"],
+)
+def test_any_rank_and_broadcast(backend, device, dtype, shapes, use_backend):
+    g = _generator(5)
+    inputs = [torch.randn(s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes]
+    _compare(backend, device, dtype, inputs, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_scale_and_broadcast_masks(backend, device, dtype, use_backend):
+    inputs = _inputs(2, 2, 2, 6, 11, 16, 16)
+    mask = torch.rand(2, 1, 1, 11, generator=_generator(6)) > 0.5
+    _compare(backend, device, dtype, inputs, use_backend, attn_mask=mask, scale=0.37)
+    # A float mask broadcast along the keys (stride 0 in the kernels' last dim), with its gradient.
+    per_query = torch.randn(1, 2, 6, 1, dtype=torch.float64, generator=_generator(10), requires_grad=True)
+    _compare(backend, device, dtype, inputs + [per_query], use_backend, scale=0.37)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_dropout_statistics_and_same_mask_everywhere(backend, device, dtype, use_backend):
+    """With q = k = 0 every probability is 1/Nk and v = I reads them out: out·Nk is the dropout multiplier.
+    It must be fastdl's counter-based mask exactly, drop a fraction p, and scale the rest by 1/(1 − p)."""
+    p, n = 0.3, 64
+    q = torch.zeros(2, 3, n, 16, device=device, dtype=dtype)
+    v = torch.eye(n, device=device, dtype=dtype).expand(2, 3, n, n)
+    with use_backend(backend, device):
+        torch.manual_seed(11)
+        out = scaled_dot_product_attention(q, q, v, dropout_p=p)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    expected = dropout_multiplier(seed, p, 2, 3, n, n, "cpu", torch.float64)
+    torch.testing.assert_close((out * n).double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    dropped = (expected == 0).double().mean().item()
+    assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / expected.numel()), dropped
+    assert torch.all((expected == 0) | ((expected - 1 / (1 - p)).abs() < 1e-12))
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_dropout_backward_matches_reference_for_same_seed(backend, device, dtype, use_backend):
+    inputs = _inputs(1, 4, 2, 13, 21, 16, 16)
+    grad = torch.randn(1, 4, 13, 16, dtype=torch.float64, generator=_generator(7))
+
+    def run(name, dtype):
+        def fn(q, k, v):
+            torch.manual_seed(3)
+            return scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+        with fastdl.backend(name):
+            return outputs_and_grads(fn, inputs, [grad], dtype=dtype, device=device if name != "reference" else "cpu")
+
+    (expected,), expected_grads = run("reference", torch.float64)
+    with use_backend(backend, device):
+        (actual,), actual_grads = run(backend, dtype)
+    assert_close(actual, expected, name="dropout output")
+    for name, a, e in zip("qkv", actual_grads, expected_grads):
+        assert_close(a, e, name=f"dropout grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_gradcheck_fp64_with_dropout_and_float_mask(backend, use_backend):
+    """gradcheck differentiates forward numerically, so with a fixed seed it proves that backward
+    recomputes exactly the forward's dropout mask."""
+    q, k, v = _inputs(1, 2, 1, 3, 5, 4, 3, seed=8)
+    mask = torch.randn(1, 1, 3, 5, dtype=torch.float64, generator=_generator(9), requires_grad=True)
+
+    def fn(q, k, v, mask):
+        torch.manual_seed(5)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
+
+    with use_backend(backend, "cpu"):
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_deterministic(backend, device, dtype, use_backend):
+    q, k, v = (t.detach().to(device, dtype).requires_grad_() for t in _inputs(2, 2, 2, 40, 40, 16, 16))
+    grad = torch.randn(2, 2, 40, 16, device=device, dtype=dtype)
+    runs = []
+    with use_backend(backend, device):
+        for _ in range(2):
+            torch.manual_seed(0)
+            out = scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+            runs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_opcheck(backend, use_backend):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.detach().float().to(device).requires_grad_() for t in _inputs(1, 2, 1, 5, 7, 16, 16))
+    mask = torch.randn(1, 1, 5, 7, device=device).expand(1, 2, 5, 7)
+    out = torch.randn(1, 2, 5, 16, device=device)
+    lse = torch.randn(1, 2, 5, device=device)
+    with use_backend(backend, device):
+        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, 0))
+        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, mask, 0.2, False, 0.25, 7))
+        torch.library.opcheck(torch.ops.fastdl.attention_backward.default,
+                              (out, q.detach(), k.detach(), v.detach(), mask, out, lse, 0.2, False, 0.25, 7, True))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(compiler):
+    module = MultiheadAttention(32, 4, batch_first=True)
+    compiled = torch.compile(lambda x: module(x, x, x, need_weights=False)[0], fullgraph=True, backend=compiler)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    reference.load_state_dict(module.state_dict())
+    torch.testing.assert_close(y, reference(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MultiheadAttention against nn.MultiheadAttention with the same weights, over its whole signature.
+
+# (constructor kwargs, forward kwargs, attention kind): every argument of both signatures at least once.
+MHA_CASES = [
+    (dict(), dict(need_weights=False), "self"),
+    (dict(), dict(need_weights=True), "self"),
+    (dict(batch_first=True), dict(need_weights=True, average_attn_weights=False), "cross"),
+    (dict(kdim=12, vdim=20), dict(need_weights=False, key_padding_mask="bool"), "cross"),
+    (dict(add_bias_kv=True), dict(need_weights=True, key_padding_mask="float", attn_mask="float"), "cross"),
+    (dict(add_zero_attn=True), dict(need_weights=False, attn_mask="bool"), "self"),
+    (dict(add_bias_kv=True, add_zero_attn=True, batch_first=True), dict(need_weights=False, attn_mask="bool3d"), "cross"),
+    (dict(bias=False), dict(need_weights=False, attn_mask="causal", is_causal=True), "self"),
+    (dict(), dict(need_weights=True, attn_mask="causal", is_causal=True), "self"),
+    (dict(batch_first=True), dict(need_weights=False, attn_mask="causal", is_causal=True, key_padding_mask="bool"), "self"),
+    (dict(), dict(need_weights=False), "unbatched"),
+    (dict(batch_first=True), dict(need_weights=True, key_padding_mask="bool"), "unbatched"),
+    (dict(kdim=12, vdim=20), dict(need_weights=False, attn_mask="bool3d"), "unbatched"),
+    (dict(dropout=0.5), dict(need_weights=False, attn_mask="float"), "eval"),
+]
+
+
+def _mha_inputs(kwargs, embed, heads, batch_first, self_attention, unbatched):
+    g = _generator(12)
+    target, source, batch = 6, 6 if self_attention else 8, 3
+    def make(length, dim):
+        shape = (length, dim) if unbatched else ((batch, length, dim) if batch_first else (length, batch, dim))
+        return torch.randn(shape, dtype=torch.float64, generator=g)
+    query = make(target, embed)
+    if self_attention:
+        key = value = query
+    else:
+        key, value = make(source, kwargs.get("kdim") or embed), make(source, kwargs.get("vdim") or embed)
+    return query, key, value, target, source, batch
+
+
+def _forward_args(spec, target, source, batch, heads, unbatched):
+    g = _generator(13)
+    args = dict(spec)
+    padding = args.get("key_padding_mask")
+    if padding is not None:
+        shape = (source,) if unbatched else (batch, source)
+        keep = torch.rand(shape, generator=g) > 0.3
+        keep[..., 0] = True
+        args["key_padding_mask"] = ~keep if padding == "bool" else torch.zeros(shape, dtype=torch.float64).masked_fill(~keep, -1e4)
+    mask = args.get("attn_mask")
+    if mask == "bool":
+        masked = torch.rand(target, source, generator=g) > 0.7
+        masked[:, 0] = False
+        args["attn_mask"] = masked
+    elif mask == "bool3d":
+        masked = torch.rand((1 if unbatched else batch) * heads, target, source, generator=g) > 0.7
+        masked[..., 0] = False
+        args["attn_mask"] = masked
+    elif mask == "float":
+        args["attn_mask"] = torch.randn(target, source, dtype=torch.float64, generator=g)
+    elif mask == "causal":
+        args["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(target, dtype=torch.float64)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("construct,call,attention", MHA_CASES,
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "-")
+def test_multihead_attention_matches_torch(backend, construct, call, attention, use_backend):
+    embed, heads = 16, 4
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(embed, heads, dtype=torch.float64, **construct)
+    ours = MultiheadAttention(embed, heads, dtype=torch.float64, **construct)
+    ours.load_state_dict(theirs.state_dict())
+    if attention == "eval":
+        ours.eval(), theirs.eval()
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    batch_first = construct.get("batch_first", False)
+    unbatched = attention == "unbatched"
+    query, key, value, target, source, batch = _mha_inputs(construct, embed, heads, batch_first, attention in ("self", "eval"), unbatched)
+    args = _forward_args(call, target, source, batch, heads, unbatched)
+    grad = None
+    with use_backend(backend, "cpu"):
+        results = []
+        for module in (ours, theirs):
+            module.zero_grad()
+            out, weights = module(query, key, value, **args)
+            grad = torch.randn(out.shape, dtype=torch.float64, generator=_generator(14)) if grad is None else grad
+            out.backward(grad)
+            results.append((out.detach(), weights, [p.grad.clone() for p in module.parameters()]))
+    (out, weights, grads), (out_t, weights_t, grads_t) = results
+    assert_close(out, out_t, name="output")
+    assert (weights is None) == (weights_t is None)
+    if weights is not None:
+        assert_close(weights.detach(), weights_t.detach(), name="weights")
+    for (name, _), a, e in zip(ours.named_parameters(), grads, grads_t):
+        assert_close(a, e, name=f"grad {name}")
+
+
+def test_multihead_attention_is_causal_needs_mask():
+    module = MultiheadAttention(8, 2)
+    x = torch.randn(3, 1, 8)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        module(x, x, x, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors.
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda: scaled_dot_product_attention(torch.randn(4), torch.randn(2, 4), torch.randn(2, 4)), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4).double()), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 5), torch.randn(2, 4)), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(1, 6, 2, 4), torch.randn(1, 4, 2, 4), torch.randn(1, 4, 2, 4),
+                                              enable_gqa=True), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(1, 6, 2, 4), torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)),
+         RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4),
+                                              attn_mask=torch.ones(2, 2, dtype=torch.bool), is_causal=True), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4),
+                                              attn_mask=torch.ones(3, 2)), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4),
+                                              attn_mask=torch.ones(2, 2, dtype=torch.int64)), RuntimeError),
+        (lambda: scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), dropout_p=1.5),
+         ValueError),
+        (lambda: scaled_dot_product_attention([1.0], torch.randn(2, 4), torch.randn(2, 4)), TypeError),
+    ],
+    ids=["rank1", "dtypes", "head-dims", "lengths", "gqa-heads", "heads-no-gqa", "mask-and-causal", "mask-shape",
+         "mask-dtype", "dropout", "not-tensor"],
+)
+def test_bad_input_raises_like_torch(call, error):
+    with pytest.raises(error, match="scaled_dot_product_attention"):
+        call()
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    q = torch.randn(1, 1, 2, 4, dtype=torch.float16)
+    with fastdl.backend("native"), pytest.raises(NotImplementedError) as info:
+        scaled_dot_product_attention(q, q, q)
+    message = str(info.value)
+    assert "dtype float16 is not supported on cpu" in message
+    assert "reference: can run it" in message and "triton:" in message
+
+
+def test_cpu_kernel_takes_head_dims_above_256(use_backend):
+    """Only the GPU kernels stop at 256 (shared memory); the CPU kernel takes any head dim."""
+    _compare("native", "cpu", torch.float32, _inputs(1, 2, 1, 5, 9, 320, 300), use_backend, is_causal=True)
