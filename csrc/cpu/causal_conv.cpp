@@ -22,6 +22,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <optional>
 #include <type_traits>
@@ -95,6 +96,19 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, c
     dgemm_(&flag_b, &flag_a, &n32, &m32, &k32, &one, b, &ldb32, a, &lda32, &beta, c, &ldc32);
 }
 
+// Runs fn(task) for task in [0, tasks) on the thread pool, each thread claiming the next unclaimed task.
+// A static split (at::parallel_for's) stalls on the slowest thread, which on a shared machine is often
+// one that lost its core; claiming tasks keeps both cores busy. Which thread runs a task does not change
+// what it computes, so results stay deterministic.
+template <typename Fn>
+void for_each_task(int64_t tasks, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) fn(task);
+  });
+}
+
 // w (C_out, C_in/g, k) → (k, C_out, C_in/g): each tap's matrix contiguous, as the GEMMs want it.
 at::Tensor taps_first(const at::Tensor& weight) { return weight.permute({2, 0, 1}).contiguous(); }
 
@@ -161,9 +175,7 @@ template <typename scalar_t>
 void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, const scalar_t* bias, scalar_t* y) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
   const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
-  const int64_t tasks = s.batch * s.groups * chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
       const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
       const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
       const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
@@ -182,7 +194,6 @@ void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, co
           scalar_t* row = yg + o * s.length;
           for (int64_t t = t0; t < t1; ++t) row[t] += b;
         }
-    }
   });
 }
 
@@ -240,8 +251,7 @@ template <typename scalar_t>
 void dense_grad_input(const Shape& s, const scalar_t* g, const scalar_t* w_taps, scalar_t* dx) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
   const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
-  at::parallel_for(0, s.batch * s.groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
       const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
       const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
       const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
@@ -254,7 +264,6 @@ void dense_grad_input(const Shape& s, const scalar_t* g, const scalar_t* w_taps,
         gemm<scalar_t>(true, false, cig, last - t0, cog, wj, cig, gg + t0 + shift, s.length,
                        j == s.taps - 1 ? scalar_t(0) : scalar_t(1), dxg + t0, s.length);
       }
-    }
   });
 }
 
@@ -266,8 +275,7 @@ void dense_grad_weight_bias(const Shape& s, const scalar_t* g, const scalar_t* x
   const int64_t per_group_tasks = s.batch * chunks;
   const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
   std::vector<scalar_t> partials(s.groups * per_group_tasks * partial_size);
-  at::parallel_for(0, s.groups * per_group_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  for_each_task(s.groups * per_group_tasks, [&](int64_t task) {
       const int64_t group = task / per_group_tasks, n = (task % per_group_tasks) / chunks, chunk = task % chunks;
       const int64_t t0 = chunk * kWeightChunk, t1 = std::min(s.length, t0 + kWeightChunk);
       const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
@@ -290,7 +298,6 @@ void dense_grad_weight_bias(const Shape& s, const scalar_t* g, const scalar_t* x
         for (int64_t t = t0; t < t1; ++t) sum += row[t];
         partial[weight_size + o] = sum;
       }
-    }
   });
   std::vector<scalar_t> group_sum(partial_size);
   for (int64_t group = 0; group < s.groups; ++group) {
