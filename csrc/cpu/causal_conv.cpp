@@ -147,25 +147,36 @@ FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* 
   }
 }
 
+// Σ_{t < count} term(t) in kLanes interleaved partial sums added up in a fixed order at the end: GCC
+// vectorizes this (a single running float sum it may not reorder, so it would not), and the order, hence
+// the result, is the same on every run and every CPU.
+constexpr int64_t kLanes = 16;
+
+template <typename scalar_t, typename Term>
+FASTDL_INLINE scalar_t sum_in_lanes(int64_t count, Term term) {
+  scalar_t lanes[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= count; t += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(t + l);
+  for (int64_t l = 0; t + l < count; ++l) lanes[l] += term(t + l);
+  scalar_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 // dx[t] += Σ_j w[j]·g[t + s_j] (t + s_j < T); dw[j] += Σ_{t ≥ s_j} g[t]·x[t − s_j]; db += Σ_t g[t].
 template <typename scalar_t>
 FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t* x, const scalar_t* w, int64_t taps,
                                               int64_t dilation, int64_t length, scalar_t* dx, scalar_t* dw,
                                               scalar_t* db) {
-  scalar_t bias_sum = 0;
-  for (int64_t t = 0; t < length; ++t) bias_sum += g[t];
-  *db += bias_sum;
+  *db += sum_in_lanes<scalar_t>(length, [&](int64_t t) { return g[t]; });
   for (int64_t j = 0; j < taps; ++j) {
     const int64_t shift = dilation * (taps - 1 - j);
     if (shift >= length) continue;
     const scalar_t wj = w[j];
     const scalar_t* g_shifted = g + shift;
-    scalar_t dot = 0;
-    for (int64_t t = 0; t < length - shift; ++t) {
-      dx[t] += wj * g_shifted[t];
-      dot += g_shifted[t] * x[t];
-    }
-    dw[j] += dot;
+    for (int64_t t = 0; t < length - shift; ++t) dx[t] += wj * g_shifted[t];
+    dw[j] += sum_in_lanes<scalar_t>(length - shift, [&](int64_t t) { return g_shifted[t] * x[t]; });
   }
 }
 
@@ -293,10 +304,8 @@ void dense_grad_weight_bias(const Shape& s, const scalar_t* g, const scalar_t* x
                        scalar_t(0), dwj, cig);
       }
       for (int64_t o = 0; o < cog; ++o) {
-        scalar_t sum = 0;
-        const scalar_t* row = gg + o * s.length;
-        for (int64_t t = t0; t < t1; ++t) sum += row[t];
-        partial[weight_size + o] = sum;
+        const scalar_t* row = gg + o * s.length + t0;
+        partial[weight_size + o] = sum_in_lanes<scalar_t>(t1 - t0, [&](int64_t t) { return row[t]; });
       }
   });
   std::vector<scalar_t> group_sum(partial_size);
