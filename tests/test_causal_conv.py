@@ -83,6 +83,32 @@ def test_unbatched_input(backend, device, dtype, use_backend):
     assert_close(y, oracle(x, w, b, 2, 1)[0], name="unbatched output")
 
 
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.parametrize("shape", [(0, 4, 7), (2, 4, 0)])
+def test_empty_input(backend, device, dtype, shape, use_backend):
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 2, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    with use_backend(backend, device):
+        y = causal_conv1d(x, w, b, 2, 2)
+        y.sum().backward()
+    assert y.shape == (shape[0], 6, shape[2]) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
+    x, w, b = _operands(2, 4, 4, 20, 3, 1, seed=11)
+    x = x.detach().clone()
+    x[0, 1, 5] = float("nan")
+    x[1, 2, 9] = float("inf")
+    expected = oracle(x, w, b, 3, 1)
+    with use_backend(backend, device):
+        actual = causal_conv1d(x.to(device, dtype), w.to(device, dtype), b.to(device, dtype), 3)
+    assert_close(actual, expected, name="output with NaN/Inf")
+
+
 # (in_channels, out_channels, kernel_size, dilation, groups, batch, steps)
 STREAMS = [(4, 6, 2, 3, 1, 3, 14), (4, 4, 3, 2, 4, 2, 12), (6, 3, 4, 1, 3, 1, 9), (4, 4, 1, 1, 1, 2, 5),
            (4, 8, 2, 16, 2, 1, 20)]

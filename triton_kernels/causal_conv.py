@@ -5,7 +5,8 @@ and the load mask zeroes columns before 0, so there is no padded copy of x and n
 
 * Dense layers: one program owns a (BLOCK_O output channels × BLOCK_T steps) tile of one image and group
   and accumulates, per tap and per BLOCK_I input channels, one ``tl.dot`` of the weight tile with the
-  shifted input tile, in fp32 (``input_precision="ieee"``: fp32 stays fp32, no TF32 rounding).
+  shifted input tile, accumulated in fp32; fp32 inputs multiply in full fp32 (``input_precision="ieee"``,
+  not TF32), fp16/bf16 ones on the tensor cores.
   ∂x is the same walk with wᵀ and forward shifts (t + s_j).
 * Depthwise layers (one input channel per group): k multiply-adds per output, no matrix unit needed.
 * ∂w and ∂b: each program sums its tile over a fixed slice of (image, time) and writes a partial; the
@@ -23,13 +24,13 @@ import triton.language as tl
 
 _BLOCK_T = 64
 _BLOCK_C = 16  # channels per tile (tl.dot wants ≥ 16 on each side)
-_SLICES = 16   # ∂w/∂b partials: the (image, time) work is cut into at most this many slices
+_SLICES = 128  # ∂w/∂b partials: the (image, time) work is cut into at most this many slices
 
 
 @triton.jit
 def _dense_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cin, cout, length, dilation, groups,
                           HAS_BIAS: tl.constexpr, TAPS: tl.constexpr, BLOCK_O: tl.constexpr,
-                          BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+                          BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     cig, cog = cin // groups, cout // groups
     o_blocks = tl.cdiv(cog, BLOCK_O)
     n = tl.program_id(0) // (groups * o_blocks)
@@ -49,7 +50,7 @@ def _dense_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cin, cout, length, dilatio
                         mask=o_mask[:, None] & i_mask[None, :], other=0.0)
             x = tl.load(x_base + i[:, None].to(tl.int64) * length + source[None, :],
                         mask=i_mask[:, None] & t_mask[None, :], other=0.0)
-            acc += tl.dot(w, x, input_precision="ieee")
+            acc += tl.dot(w, x, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + group * cog + o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     y_base = y_ptr + (n.to(tl.int64) * cout + group * cog) * length
@@ -83,7 +84,7 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cin, cout, length, dil
 @triton.jit
 def _dense_grad_input_kernel(g_ptr, w_ptr, dx_ptr, cin, cout, length, dilation, groups,
                              TAPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                             BLOCK_T: tl.constexpr):
+                             BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     cig, cog = cin // groups, cout // groups
     i_blocks = tl.cdiv(cig, BLOCK_I)
     n = tl.program_id(0) // (groups * i_blocks)
@@ -103,7 +104,7 @@ def _dense_grad_input_kernel(g_ptr, w_ptr, dx_ptr, cin, cout, length, dilation, 
                           mask=i_mask[:, None] & o_mask[None, :], other=0.0)
             g = tl.load(g_base + o[:, None].to(tl.int64) * length + target[None, :],
                         mask=o_mask[:, None] & t_mask[None, :], other=0.0)
-            acc += tl.dot(w_t, g, input_precision="ieee")
+            acc += tl.dot(w_t, g, input_precision=PRECISION)
     dx_base = dx_ptr + (n.to(tl.int64) * cin + group * cig) * length
     tl.store(dx_base + i[:, None].to(tl.int64) * length + t[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=i_mask[:, None] & (t[None, :] < length))
@@ -135,7 +136,7 @@ def _depthwise_grad_input_kernel(g_ptr, w_ptr, dx_ptr, cin, cout, length, dilati
 def _grad_weight_bias_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, batch, cin, cout, length, dilation, groups,
                              t_chunks, chunks_per_slice,
                              TAPS: tl.constexpr, DEPTHWISE: tl.constexpr, BLOCK_O: tl.constexpr,
-                             BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+                             BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """Partial ∂w[o, i, j] (and ∂b[o] for tap k−1, input block 0) of one slice of the (image, time chunk)
     work: partials of shape (slices, C_out, C_in/g, k) and (slices, C_out), slice = program_id(2)."""
     cig, cog = cin // groups, cout // groups
@@ -168,7 +169,7 @@ def _grad_weight_bias_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, batch, cin, cout, len
         else:
             x_t = tl.load(x_ptr + (n.to(tl.int64) * cin + group * cig + i[None, :]) * length + source[:, None],
                           mask=i_mask[None, :] & ((source >= 0) & (t < length))[:, None], other=0.0)
-            acc += tl.dot(g, x_t, input_precision="ieee")
+            acc += tl.dot(g, x_t, input_precision=PRECISION)
         bias_acc += tl.sum(g.to(tl.float32), axis=1)
     rows = group * cog + o
     tl.store(dw_ptr + ((piece * cout + rows[:, None]) * cig + i[None, :]) * TAPS + j, acc,
@@ -208,6 +209,11 @@ def _step_kernel(x_ptr, ring_ptr, w_ptr, b_ptr, y_ptr, cin, cout, groups, slots,
             tl.store(ring_ptr + (n.to(tl.int64) * slots + slot_now) * cin + c, value, mask=c < cin)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 products in full fp32 (TF32 would miss fp32 accuracy); fp16/bf16 take the default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _channel_block(channels: int) -> int:
     return max(_BLOCK_C, min(64, triton.next_power_of_2(channels)))
 
@@ -233,6 +239,7 @@ def causal_conv_forward(input, weight, bias, dilation: int, groups: int) -> torc
     _dense_forward_kernel[(batch * groups * triton.cdiv(cog, block_o), t_blocks)](
         x, w, b, y, cin, cout, length, dilation, groups,
         HAS_BIAS=bias is not None, TAPS=taps, BLOCK_O=block_o, BLOCK_I=_channel_block(cig), BLOCK_T=_BLOCK_T,
+        PRECISION=_precision(x.dtype),
     )
     return y
 
@@ -256,7 +263,7 @@ def causal_conv_backward(grad_output, input, weight, dilation: int, groups: int)
         block_i = _channel_block(cig)
         _dense_grad_input_kernel[(batch * groups * triton.cdiv(cig, block_i), t_blocks)](
             g, w, dx, cin, cout, length, dilation, groups,
-            TAPS=taps, BLOCK_O=_channel_block(cog), BLOCK_I=block_i, BLOCK_T=_BLOCK_T,
+            TAPS=taps, BLOCK_O=_channel_block(cog), BLOCK_I=block_i, BLOCK_T=_BLOCK_T, PRECISION=_precision(x.dtype),
         )
     # The (image, time chunk) work is cut into a number of slices fixed by the shape: deterministic sums.
     chunks = batch * t_blocks
@@ -270,6 +277,7 @@ def causal_conv_backward(grad_output, input, weight, dilation: int, groups: int)
     _grad_weight_bias_kernel[grid](
         g, x, dw_partial, db_partial, batch, cin, cout, length, dilation, groups, t_blocks, chunks_per_slice,
         TAPS=taps, DEPTHWISE=depthwise, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=_BLOCK_T,
+        PRECISION=_precision(x.dtype),
     )
     return dx, dw_partial.sum(0).to(w.dtype), db_partial.sum(0).to(w.dtype)
 

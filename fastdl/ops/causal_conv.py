@@ -148,6 +148,8 @@ _STEP = _kernels("fastdl.causal_conv1d_step", _native_step, _triton_step, _refer
 
 @torch.library.custom_op("fastdl::causal_conv1d", mutates_args=())
 def _forward_op(input: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int) -> Tensor:
+    if input.shape[0] == 0 or input.shape[2] == 0:  # F.conv1d rejects a padded length shorter than the window
+        return input.new_empty((input.shape[0], weight.shape[0], input.shape[2]))
     kernel = _FORWARD.select(input.device, input.dtype)
     return kernel.run(input, weight, bias, dilation, groups)
 
@@ -160,6 +162,8 @@ def _(input, weight, bias, dilation, groups):
 @torch.library.custom_op("fastdl::causal_conv1d_backward", mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, dilation: int,
                  groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    if input.shape[0] == 0 or input.shape[2] == 0:
+        return torch.zeros_like(input), torch.zeros_like(weight), weight.new_zeros((weight.shape[0],))
     kernel = _BACKWARD.select(input.device, input.dtype)
     return kernel.run(grad_output, input, weight, dilation, groups)
 
