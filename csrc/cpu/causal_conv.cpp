@@ -49,7 +49,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 // A time chunk per GEMM: wide enough that BLAS runs at full speed, narrow enough that a (C_out/g × chunk)
 // output tile stays in L2 for the bias pass, and that one long sequence still gives every thread work.
 constexpr int64_t kTimeChunk = 1024;
-// Weight-gradient tasks cover more time each: every task holds a private ∂w partial.
+// Backward tasks cover more time each: every task holds a private ∂w partial.
 constexpr int64_t kWeightChunk = 4096;
 
 struct Shape {
@@ -258,16 +258,28 @@ void sum_partials(const scalar_t* partials, int64_t tasks, int64_t size, scalar_
   });
 }
 
+// ∂x, ∂w (as (k, C_out, C_in/g)) and ∂b in one pass. A task is one (image, group, kWeightChunk steps);
+// it walks its steps kTimeChunk at a time, and for each piece computes ∂x there and adds the piece's
+// ∂w, ∂b terms into the task's private partial while the g and x columns are still in cache. The
+// partials are then summed in task order.
 template <typename scalar_t>
-void dense_grad_input(const Shape& s, const scalar_t* g, const scalar_t* w_taps, scalar_t* dx) {
+void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w_taps, scalar_t* dx,
+                    scalar_t* dw_taps, scalar_t* db) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
-  const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
-  for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
-      const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
-      const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
-      const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
-      scalar_t* dxg = dx + (n * s.in_channels + group * cig) * s.length;
-      // dX[:, t] += W_jᵀ · G[:, t + s_j] for t in [t0, min(t1, T − s_j)); tap k−1 (shift 0) initializes.
+  const int64_t chunks = (s.length + kWeightChunk - 1) / kWeightChunk;
+  const int64_t per_group_tasks = s.batch * chunks;
+  const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
+  std::vector<scalar_t> partials(s.groups * per_group_tasks * partial_size, scalar_t(0));
+  for_each_task(s.groups * per_group_tasks, [&](int64_t task) {
+    const int64_t group = task / per_group_tasks, n = (task % per_group_tasks) / chunks, chunk = task % chunks;
+    const int64_t begin = chunk * kWeightChunk, end = std::min(s.length, begin + kWeightChunk);
+    const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
+    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* dxg = dx + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* partial = partials.data() + task * partial_size;
+    for (int64_t t0 = begin; t0 < end; t0 += kTimeChunk) {
+      const int64_t t1 = std::min(end, t0 + kTimeChunk);
+      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] for t in [t0, min(t1, T − s_j)); tap k−1 (shift 0) initializes.
       for (int64_t j = s.taps - 1; j >= 0; --j) {
         const int64_t shift = s.shift(j), last = std::min(t1, s.length - shift);
         if (last <= t0) continue;
@@ -275,38 +287,18 @@ void dense_grad_input(const Shape& s, const scalar_t* g, const scalar_t* w_taps,
         gemm<scalar_t>(true, false, cig, last - t0, cog, wj, cig, gg + t0 + shift, s.length,
                        j == s.taps - 1 ? scalar_t(0) : scalar_t(1), dxg + t0, s.length);
       }
-  });
-}
-
-// ∂w (as (k, C_out, C_in/g)) and ∂b: per (image, group, time chunk) partials, then summed in order.
-template <typename scalar_t>
-void dense_grad_weight_bias(const Shape& s, const scalar_t* g, const scalar_t* x, scalar_t* dw_taps, scalar_t* db) {
-  const int64_t cig = s.in_per_group(), cog = s.out_per_group();
-  const int64_t chunks = (s.length + kWeightChunk - 1) / kWeightChunk;
-  const int64_t per_group_tasks = s.batch * chunks;
-  const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
-  std::vector<scalar_t> partials(s.groups * per_group_tasks * partial_size);
-  for_each_task(s.groups * per_group_tasks, [&](int64_t task) {
-      const int64_t group = task / per_group_tasks, n = (task % per_group_tasks) / chunks, chunk = task % chunks;
-      const int64_t t0 = chunk * kWeightChunk, t1 = std::min(s.length, t0 + kWeightChunk);
-      const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
-      const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
-      scalar_t* partial = partials.data() + task * partial_size;
+      // dW_j += G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
       for (int64_t j = 0; j < s.taps; ++j) {
-        // dW_j = G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
         const int64_t shift = s.shift(j), first = std::max(t0, shift);
-        scalar_t* dwj = partial + j * cog * cig;
-        if (first >= t1) {
-          std::fill(dwj, dwj + cog * cig, scalar_t(0));
-          continue;
-        }
+        if (first >= t1) continue;
         gemm<scalar_t>(false, true, cog, cig, t1 - first, gg + first, s.length, xg + first - shift, s.length,
-                       scalar_t(0), dwj, cig);
+                       scalar_t(1), partial + j * cog * cig, cig);
       }
       for (int64_t o = 0; o < cog; ++o) {
         const scalar_t* row = gg + o * s.length + t0;
-        partial[weight_size + o] = sum_in_lanes<scalar_t>(t1 - t0, [&](int64_t t) { return row[t]; });
+        partial[weight_size + o] += sum_in_lanes<scalar_t>(t1 - t0, [&](int64_t t) { return row[t]; });
       }
+    }
   });
   std::vector<scalar_t> group_sum(partial_size);
   for (int64_t group = 0; group < s.groups; ++group) {
@@ -364,9 +356,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
       return;
     }
     const at::Tensor w_taps = taps_first(weight);
-    dense_grad_input(s, g, w_taps.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>());
     at::Tensor dw_taps = at::empty_like(w_taps);
-    dense_grad_weight_bias(s, g, x, dw_taps.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
+    dense_backward(s, g, x, w_taps.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+                   dw_taps.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
     grad_weight.copy_(dw_taps.permute({1, 2, 0}));
   });
   return {grad_input, grad_weight, grad_bias};
