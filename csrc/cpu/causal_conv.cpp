@@ -187,24 +187,24 @@ void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, co
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
   const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
   for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
-      const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
-      const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
-      const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
-      scalar_t* yg = y + (n * s.out_channels + group * cog) * s.length;
-      for (int64_t j = s.taps - 1; j >= 0; --j) {
-        // Columns t in [max(t0, s_j), t1) read x at t − s_j ≥ 0.
-        const int64_t shift = s.shift(j), first = std::max(t0, shift);
-        if (first >= t1) continue;  // only when shift > 0: tap k−1 always runs, and first
-        const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
-        gemm<scalar_t>(false, false, cog, t1 - first, cig, wj, cig, xg + first - shift, s.length,
-                       j == s.taps - 1 ? scalar_t(0) : scalar_t(1), yg + first, s.length);
+    const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
+    const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
+    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* yg = y + (n * s.out_channels + group * cog) * s.length;
+    for (int64_t j = s.taps - 1; j >= 0; --j) {
+      // Columns t in [max(t0, s_j), t1) read x at t − s_j ≥ 0.
+      const int64_t shift = s.shift(j), first = std::max(t0, shift);
+      if (first >= t1) continue;  // the whole window is before 0; never tap k−1 (shift 0), which initializes
+      const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
+      gemm<scalar_t>(false, false, cog, t1 - first, cig, wj, cig, xg + first - shift, s.length,
+                     j == s.taps - 1 ? scalar_t(0) : scalar_t(1), yg + first, s.length);
+    }
+    if (bias != nullptr)
+      for (int64_t o = 0; o < cog; ++o) {
+        const scalar_t b = bias[group * cog + o];
+        scalar_t* row = yg + o * s.length;
+        for (int64_t t = t0; t < t1; ++t) row[t] += b;
       }
-      if (bias != nullptr)
-        for (int64_t o = 0; o < cog; ++o) {
-          const scalar_t b = bias[group * cog + o];
-          scalar_t* row = yg + o * s.length;
-          for (int64_t t = t0; t < t1; ++t) row[t] += b;
-        }
   });
 }
 

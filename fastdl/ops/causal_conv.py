@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .._backends import Kernel, OpKernels
 
-__all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_step"]
+__all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
 
 _CPU_NATIVE = frozenset({torch.float32, torch.float64})
 _GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
