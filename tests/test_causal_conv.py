@@ -30,6 +30,7 @@ SHAPES = [
     (1, 4, 4, 600, 2, 512, 4),  # dilation 512 inside the sequence, depthwise
     (2, 4, 6, 11, 4, 3, 2),     # k=4, groups 2
     (2, 6, 3, 13, 6, 2, 3),     # k=6, groups 3, fewer outputs than inputs
+    (1, 80, 72, 9, 2, 3, 1),    # more channels than one Triton tile (64): several channel blocks
 ]
 
 
@@ -111,7 +112,7 @@ def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
 
 # (in_channels, out_channels, kernel_size, dilation, groups, batch, steps)
 STREAMS = [(4, 6, 2, 3, 1, 3, 14), (4, 4, 3, 2, 4, 2, 12), (6, 3, 4, 1, 3, 1, 9), (4, 4, 1, 1, 1, 2, 5),
-           (4, 8, 2, 16, 2, 1, 20)]
+           (4, 8, 2, 16, 2, 1, 20), (80, 72, 2, 2, 1, 1, 6)]
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
