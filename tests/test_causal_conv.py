@@ -218,6 +218,14 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # The streaming step (an op that updates the state buffer in place) compiles whole as well.
+    step = torch.compile(model[2].step, fullgraph=True, backend="aot_eager", dynamic=True)
+    hidden = torch.tanh(oracle(x, model[0].weight, model[0].bias, 1, 1)).detach()
+    state, outputs = model[2].init_state(2), []
+    for t in range(hidden.shape[-1]):
+        y, state = step(hidden[:, :, t], state)
+        outputs.append(y)
+    torch.testing.assert_close(torch.stack(outputs, dim=-1), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_module_is_a_drop_in():
