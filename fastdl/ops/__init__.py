@@ -1,5 +1,15 @@
 """fastdl's drop-in ops: modules and functionals, each backed by native, Triton and reference kernels."""
 from .attention import MultiheadAttention, scaled_dot_product_attention
+from .causal_conv import CausalConv1d, CausalConvState, causal_conv1d, causal_conv1d_step
 from .lrn import LocalResponseNorm, local_response_norm
 
-__all__ = ["LocalResponseNorm", "MultiheadAttention", "local_response_norm", "scaled_dot_product_attention"]
+__all__ = [
+    "CausalConv1d",
+    "CausalConvState",
+    "LocalResponseNorm",
+    "MultiheadAttention",
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "local_response_norm",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,440 @@
+// Dilated causal 1-D convolution (WaveNet, TCN), CPU kernels. Math in fastdl/ops/causal_conv.py:
+//   y[n, o, t]      = b[o] + Σ_j Σ_i w[o, i, j] · x[n, i, t − s_j],   s_j = d·(k − 1 − j), x at t < 0 is 0
+//   ∂x[n, i, t]     = Σ_j Σ_o w[o, i, j] · g[n, o, t + s_j]           (t + s_j < T)
+//   ∂w[o, i, j]     = Σ_n Σ_{t ≥ s_j} g[n, o, t] · x[n, i, t − s_j]
+//   ∂b[o]           = Σ_n Σ_t g[n, o, t]
+//
+// The causal window is read in place. Per group, tap j is one matrix product on shifted column ranges
+// of the unpadded rows:   Y[:, s_j:T] += W_j · X[:, 0:T−s_j]   (W_j = w[:, :, j], C_out/g × C_in/g)
+// so the dense path is k GEMMs per (image, group, time chunk) through ATen's BLAS with leading dimension
+// T: no padded copy of x, no over-long output to chomp, and the FLOPs are exactly the useful ones. Tap
+// k−1 (shift 0) covers every column, so it goes first and initializes the output (beta = 0).
+//
+// Depthwise layers (one input channel per group) are k multiply-adds per output: a vectorized sweep
+// along time, with kernel sizes 2 and 3 (WaveNet, TCN) fused into one pass, any other k one pass per tap.
+//
+// Work is split into tasks whose partition depends only on the shape, never on the thread count, and
+// reductions (∂w, ∂b) sum per-task partials in task order: results are bit-identical run to run.
+//
+// Streaming step: x at step t sits in ring slot t mod (R + 1), R = d·(k − 1), buffer (N, R + 1, C_in).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace fastdl {
+namespace cpu {
+namespace {
+
+// The BLAS that torch itself links (MKL, or OpenBLAS in other builds) exports the Fortran GEMMs; ATen's
+// own cpublas::gemm wrappers are not exported from libtorch, so we call the Fortran symbols directly.
+// Their dimensions are 32-bit ints: rows and sequence lengths are checked against INT_MAX (pointers and
+// every offset here stay int64).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+// A time chunk per GEMM: wide enough that BLAS runs at full speed, narrow enough that a (C_out/g × chunk)
+// output tile stays in L2 for the bias pass, and that one long sequence still gives every thread work.
+constexpr int64_t kTimeChunk = 1024;
+// Backward tasks cover more time each: every task holds a private ∂w partial.
+constexpr int64_t kWeightChunk = 4096;
+
+struct Shape {
+  int64_t batch, in_channels, out_channels, length, taps, dilation, groups;
+  int64_t in_per_group() const { return in_channels / groups; }
+  int64_t out_per_group() const { return out_channels / groups; }
+  int64_t shift(int64_t tap) const { return dilation * (taps - 1 - tap); }
+};
+
+Shape shape_of(const at::Tensor& input, const at::Tensor& weight, int64_t dilation, int64_t groups) {
+  return {input.size(0), input.size(1), weight.size(0), input.size(2), weight.size(2), dilation, groups};
+}
+
+void check_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                int64_t dilation, int64_t groups, const char* name) {
+  TORCH_CHECK(input.dim() == 3, name, ": expected input (N, C_in, T), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 3, name, ": expected weight (C_out, C_in/groups, k), got shape ", weight.sizes());
+  TORCH_CHECK(dilation >= 1 && groups >= 1, name, ": dilation and groups must be >= 1, got ", dilation, " and ",
+              groups);
+  TORCH_CHECK(weight.size(0) % groups == 0 && weight.size(1) * groups == input.size(1), name, ": weight ",
+              weight.sizes(), " with groups=", groups, " does not fit an input of ", input.size(1), " channels");
+  TORCH_CHECK(input.size(1) <= INT_MAX && input.size(2) <= INT_MAX && weight.size(0) <= INT_MAX, name,
+              ": channels and length must each be below 2^31 (BLAS dimensions), got input ", input.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), name, ": weight dtype differs from input dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), name, ": bias must be (C_out,), got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), name, ": bias dtype differs from input dtype");
+  }
+}
+
+// Row-major C (m × n) = op(A)·op(B) + beta·C. BLAS is column-major, and a row-major matrix is its
+// transpose in column-major, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ with the same transpose flags.
+template <typename scalar_t>
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  const char flag_a = transpose_a ? 'T' : 'N', flag_b = transpose_b ? 'T' : 'N';
+  const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
+  const int lda32 = static_cast<int>(lda), ldb32 = static_cast<int>(ldb), ldc32 = static_cast<int>(ldc);
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sgemm_(&flag_b, &flag_a, &n32, &m32, &k32, &one, b, &ldb32, a, &lda32, &beta, c, &ldc32);
+  else
+    dgemm_(&flag_b, &flag_a, &n32, &m32, &k32, &one, b, &ldb32, a, &lda32, &beta, c, &ldc32);
+}
+
+// Runs fn(task) for task in [0, tasks) on the thread pool, each thread claiming the next unclaimed task.
+// A static split (at::parallel_for's) stalls on the slowest thread, which on a shared machine is often
+// one that lost its core; claiming tasks keeps both cores busy. Which thread runs a task does not change
+// what it computes, so results stay deterministic.
+template <typename Fn>
+void for_each_task(int64_t tasks, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) fn(task);
+  });
+}
+
+// w (C_out, C_in/g, k) → (k, C_out, C_in/g): each tap's matrix contiguous, as the GEMMs want it.
+at::Tensor taps_first(const at::Tensor& weight) { return weight.permute({2, 0, 1}).contiguous(); }
+
+// ------------------------------------------------------------------------------------- depthwise sweeps
+
+// out[t] = bias + Σ_j w[j]·x[t − s_j] over t in [begin, end), every t − s_j ≥ 0 there. K = 2, 3 fused.
+template <typename scalar_t, int K>
+FASTDL_CPU_CLONES void depthwise_row_fused(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t dilation,
+                                           int64_t begin, int64_t end, scalar_t* out) {
+  const scalar_t w0 = w[0], w1 = w[1], w2 = K == 3 ? w[2] : scalar_t(0);
+  const scalar_t* x0 = x - dilation * (K - 1);
+  const scalar_t* x1 = x - dilation * (K - 2);
+  for (int64_t t = begin; t < end; ++t) {
+    scalar_t acc = bias + w0 * x0[t] + w1 * x1[t];
+    if constexpr (K == 3) acc += w2 * x[t];
+    out[t] = acc;
+  }
+}
+
+// out[t] = bias + Σ_j w[j]·x[t − s_j] (x before 0 is 0), for one row of length T.
+template <typename scalar_t>
+FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t taps,
+                                             int64_t dilation, int64_t length, scalar_t* out) {
+  const int64_t reach = std::min(length, dilation * (taps - 1));
+  if (taps == 2 || taps == 3) {
+    // Head (t < reach): some taps fall before 0; the generic passes below handle it on [0, reach).
+    if (taps == 2) depthwise_row_fused<scalar_t, 2>(x, w, bias, dilation, reach, length, out);
+    else depthwise_row_fused<scalar_t, 3>(x, w, bias, dilation, reach, length, out);
+  }
+  const int64_t generic_end = taps == 2 || taps == 3 ? reach : length;
+  for (int64_t t = 0; t < generic_end; ++t) out[t] = bias + w[taps - 1] * x[t];
+  for (int64_t j = 0; j + 1 < taps; ++j) {
+    const int64_t shift = dilation * (taps - 1 - j);
+    const scalar_t wj = w[j];
+    for (int64_t t = shift; t < generic_end; ++t) out[t] += wj * x[t - shift];
+  }
+}
+
+// Σ_{t < count} term(t) in kLanes interleaved partial sums added up in a fixed order at the end: GCC
+// vectorizes this (a single running float sum it may not reorder, so it would not), and the order, hence
+// the result, is the same on every run and every CPU.
+constexpr int64_t kLanes = 16;
+
+template <typename scalar_t, typename Term>
+FASTDL_INLINE scalar_t sum_in_lanes(int64_t count, Term term) {
+  scalar_t lanes[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= count; t += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(t + l);
+  for (int64_t l = 0; t + l < count; ++l) lanes[l] += term(t + l);
+  scalar_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// dx[t] += Σ_j w[j]·g[t + s_j] (t + s_j < T); dw[j] += Σ_{t ≥ s_j} g[t]·x[t − s_j]; db += Σ_t g[t].
+template <typename scalar_t>
+FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t* x, const scalar_t* w, int64_t taps,
+                                              int64_t dilation, int64_t length, scalar_t* dx, scalar_t* dw,
+                                              scalar_t* db) {
+  *db += sum_in_lanes<scalar_t>(length, [&](int64_t t) { return g[t]; });
+  for (int64_t j = 0; j < taps; ++j) {
+    const int64_t shift = dilation * (taps - 1 - j);
+    if (shift >= length) continue;
+    const scalar_t wj = w[j];
+    const scalar_t* g_shifted = g + shift;
+    for (int64_t t = 0; t < length - shift; ++t) dx[t] += wj * g_shifted[t];
+    dw[j] += sum_in_lanes<scalar_t>(length - shift, [&](int64_t t) { return g_shifted[t] * x[t]; });
+  }
+}
+
+// ------------------------------------------------------------------------------------------- forward
+
+template <typename scalar_t>
+void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, const scalar_t* bias, scalar_t* y) {
+  const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
+  for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
+    const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
+    const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
+    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* yg = y + (n * s.out_channels + group * cog) * s.length;
+    for (int64_t j = s.taps - 1; j >= 0; --j) {
+      // Columns t in [max(t0, s_j), t1) read x at t − s_j ≥ 0.
+      const int64_t shift = s.shift(j), first = std::max(t0, shift);
+      if (first >= t1) continue;  // the whole window is before 0; never tap k−1 (shift 0), which initializes
+      const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
+      gemm<scalar_t>(false, false, cog, t1 - first, cig, wj, cig, xg + first - shift, s.length,
+                     j == s.taps - 1 ? scalar_t(0) : scalar_t(1), yg + first, s.length);
+    }
+    if (bias != nullptr)
+      for (int64_t o = 0; o < cog; ++o) {
+        const scalar_t b = bias[group * cog + o];
+        scalar_t* row = yg + o * s.length;
+        for (int64_t t = t0; t < t1; ++t) row[t] += b;
+      }
+  });
+}
+
+template <typename scalar_t>
+void depthwise_forward(const Shape& s, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+  const int64_t multiplier = s.out_per_group();
+  const int64_t rows = s.batch * s.out_channels;
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, s.length));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / s.out_channels, o = row % s.out_channels;
+      depthwise_forward_row(x + (n * s.in_channels + o / multiplier) * s.length, w + o * s.taps,
+                            bias != nullptr ? bias[o] : scalar_t(0), s.taps, s.dilation, s.length,
+                            y + row * s.length);
+    }
+  });
+}
+
+at::Tensor causal_conv_forward(const at::Tensor& input_, const at::Tensor& weight_,
+                               const std::optional<at::Tensor>& bias_, int64_t dilation, int64_t groups) {
+  check_args(input_, weight_, bias_, dilation, groups, "fastdl::causal_conv_forward");
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
+  const std::optional<at::Tensor> bias = bias_.has_value() ? std::optional(bias_->contiguous()) : std::nullopt;
+  const Shape s = shape_of(input, weight, dilation, groups);
+  at::Tensor output = at::empty({s.batch, s.out_channels, s.length}, input.options());
+  if (output.numel() == 0) return output;
+  if (s.in_per_group() == 0) return bias.has_value() ? output.copy_(bias->view({1, -1, 1}).expand_as(output)) : output.zero_();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastdl::causal_conv_forward", [&] {
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    if (s.in_per_group() == 1) {
+      depthwise_forward(s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+                        output.mutable_data_ptr<scalar_t>());
+    } else {
+      const at::Tensor w_taps = taps_first(weight);
+      dense_forward(s, input.const_data_ptr<scalar_t>(), w_taps.const_data_ptr<scalar_t>(), b,
+                    output.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return output;
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+// Sums partials[task][0 … size) over tasks in task order into out: deterministic by construction.
+template <typename scalar_t>
+void sum_partials(const scalar_t* partials, int64_t tasks, int64_t size, scalar_t* out) {
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) out[e] = 0;
+    for (int64_t task = 0; task < tasks; ++task)
+      for (int64_t e = begin; e < end; ++e) out[e] += partials[task * size + e];
+  });
+}
+
+// ∂x, ∂w (as (k, C_out, C_in/g)) and ∂b in one pass. A task is one (image, group, kWeightChunk steps);
+// it walks its steps kTimeChunk at a time, and for each piece computes ∂x there and adds the piece's
+// ∂w, ∂b terms into the task's private partial while the g and x columns are still in cache. The
+// partials are then summed in task order.
+template <typename scalar_t>
+void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w_taps, scalar_t* dx,
+                    scalar_t* dw_taps, scalar_t* db) {
+  const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const int64_t chunks = (s.length + kWeightChunk - 1) / kWeightChunk;
+  const int64_t per_group_tasks = s.batch * chunks;
+  const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
+  std::vector<scalar_t> partials(s.groups * per_group_tasks * partial_size, scalar_t(0));
+  for_each_task(s.groups * per_group_tasks, [&](int64_t task) {
+    const int64_t group = task / per_group_tasks, n = (task % per_group_tasks) / chunks, chunk = task % chunks;
+    const int64_t begin = chunk * kWeightChunk, end = std::min(s.length, begin + kWeightChunk);
+    const scalar_t* gg = g + (n * s.out_channels + group * cog) * s.length;
+    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* dxg = dx + (n * s.in_channels + group * cig) * s.length;
+    scalar_t* partial = partials.data() + task * partial_size;
+    for (int64_t t0 = begin; t0 < end; t0 += kTimeChunk) {
+      const int64_t t1 = std::min(end, t0 + kTimeChunk);
+      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] for t in [t0, min(t1, T − s_j)); tap k−1 (shift 0) initializes.
+      for (int64_t j = s.taps - 1; j >= 0; --j) {
+        const int64_t shift = s.shift(j), last = std::min(t1, s.length - shift);
+        if (last <= t0) continue;
+        const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
+        gemm<scalar_t>(true, false, cig, last - t0, cog, wj, cig, gg + t0 + shift, s.length,
+                       j == s.taps - 1 ? scalar_t(0) : scalar_t(1), dxg + t0, s.length);
+      }
+      // dW_j += G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
+      for (int64_t j = 0; j < s.taps; ++j) {
+        const int64_t shift = s.shift(j), first = std::max(t0, shift);
+        if (first >= t1) continue;
+        gemm<scalar_t>(false, true, cog, cig, t1 - first, gg + first, s.length, xg + first - shift, s.length,
+                       scalar_t(1), partial + j * cog * cig, cig);
+      }
+      for (int64_t o = 0; o < cog; ++o) {
+        const scalar_t* row = gg + o * s.length + t0;
+        partial[weight_size + o] += sum_in_lanes<scalar_t>(t1 - t0, [&](int64_t t) { return row[t]; });
+      }
+    }
+  });
+  std::vector<scalar_t> group_sum(partial_size);
+  for (int64_t group = 0; group < s.groups; ++group) {
+    sum_partials(partials.data() + group * per_group_tasks * partial_size, per_group_tasks, partial_size,
+                 group_sum.data());
+    for (int64_t j = 0; j < s.taps; ++j)
+      std::copy_n(group_sum.data() + j * cog * cig, cog * cig, dw_taps + (j * s.out_channels + group * cog) * cig);
+    std::copy_n(group_sum.data() + weight_size, cog, db + group * cog);
+  }
+}
+
+// One task per input channel: it owns dx of that channel in every image and ∂w, ∂b of the output
+// channels reading it, so nothing is shared between tasks and every sum runs in a fixed order.
+template <typename scalar_t>
+void depthwise_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dx,
+                        scalar_t* dw, scalar_t* db) {
+  const int64_t multiplier = s.out_per_group();
+  at::parallel_for(0, s.in_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o) {
+        std::fill(dw + o * s.taps, dw + (o + 1) * s.taps, scalar_t(0));
+        db[o] = 0;
+      }
+      for (int64_t n = 0; n < s.batch; ++n) {
+        scalar_t* dx_row = dx + (n * s.in_channels + c) * s.length;
+        std::fill(dx_row, dx_row + s.length, scalar_t(0));
+        for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o)
+          depthwise_backward_row(g + (n * s.out_channels + o) * s.length, x + (n * s.in_channels + c) * s.length,
+                                 w + o * s.taps, s.taps, s.dilation, s.length, dx_row, dw + o * s.taps, db + o);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Tensor& grad_output_,
+                                                                    const at::Tensor& input_,
+                                                                    const at::Tensor& weight_, int64_t dilation,
+                                                                    int64_t groups) {
+  check_args(input_, weight_, std::nullopt, dilation, groups, "fastdl::causal_conv_backward");
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous(), grad = grad_output_.contiguous();
+  const Shape s = shape_of(input, weight, dilation, groups);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({s.batch, s.out_channels, s.length}),
+              "fastdl::causal_conv_backward: grad_output has shape ", grad.sizes(), ", expected (", s.batch, ", ",
+              s.out_channels, ", ", s.length, ")");
+  at::Tensor grad_input = at::empty_like(input);
+  at::Tensor grad_weight = at::zeros_like(weight);
+  at::Tensor grad_bias = at::zeros({s.out_channels}, weight.options());
+  if (grad.numel() == 0 || input.numel() == 0) return {grad_input.zero_(), grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastdl::causal_conv_backward", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    if (s.in_per_group() == 1) {
+      depthwise_backward(s, g, x, weight.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+                         grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
+      return;
+    }
+    const at::Tensor w_taps = taps_first(weight);
+    at::Tensor dw_taps = at::empty_like(w_taps);
+    dense_backward(s, g, x, w_taps.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+                   dw_taps.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
+    grad_weight.copy_(dw_taps.permute({1, 2, 0}));
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+// --------------------------------------------------------------------------------------- streaming step
+
+// y[n, o] = b[o] + Σ_j Σ_i w[o, i, j] · h_j[n, group·C_in/g + i], h_j = x_t if s_j = 0 else the ring slot
+// (t − s_j) mod (R + 1); then x_t goes into slot t mod (R + 1) (never one of the slots read: 1 ≤ s_j ≤ R).
+template <typename scalar_t>
+FASTDL_CPU_CLONES void step_output(const scalar_t* w_taps, const scalar_t* const* history, int64_t taps,
+                                   int64_t out_channels, int64_t cig, int64_t o, scalar_t bias, scalar_t* y) {
+  scalar_t acc = bias;
+  for (int64_t j = 0; j < taps; ++j) {
+    const scalar_t* wj = w_taps + (j * out_channels + o) * cig;
+    const scalar_t* h = history[j];
+    for (int64_t i = 0; i < cig; ++i) acc += wj[i] * h[i];
+  }
+  *y = acc;
+}
+
+at::Tensor causal_conv_step(const at::Tensor& input_, at::Tensor& buffer, int64_t position, const at::Tensor& weight_,
+                            const std::optional<at::Tensor>& bias_, int64_t dilation, int64_t groups) {
+  TORCH_CHECK(input_.dim() == 2, "fastdl::causal_conv_step: expected input (N, C_in), got ", input_.sizes());
+  check_args(input_.unsqueeze(-1), weight_, bias_, dilation, groups, "fastdl::causal_conv_step");
+  const int64_t batch = input_.size(0), in_channels = input_.size(1), taps = weight_.size(2);
+  const int64_t slots = dilation * (taps - 1) + 1;
+  TORCH_CHECK(buffer.dim() == 3 && buffer.size(0) == batch && buffer.size(1) == slots && buffer.size(2) == in_channels &&
+                  buffer.is_contiguous() && buffer.scalar_type() == input_.scalar_type(),
+              "fastdl::causal_conv_step: buffer must be a contiguous (", batch, ", ", slots, ", ", in_channels,
+              ") tensor of the input's dtype, got ", buffer.sizes());
+  TORCH_CHECK(position >= 0, "fastdl::causal_conv_step: position must be >= 0, got ", position);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor w_taps = taps_first(weight_);
+  const std::optional<at::Tensor> bias = bias_.has_value() ? std::optional(bias_->contiguous()) : std::nullopt;
+  const int64_t out_channels = weight_.size(0), cig = in_channels / groups, cog = out_channels / groups;
+  at::Tensor output = at::empty({batch, out_channels}, input.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastdl::causal_conv_step", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* w = w_taps.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ring = buffer.mutable_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, taps * cig));
+    at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> history(taps);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / out_channels, o = row % out_channels, first_in = (o / cog) * cig;
+        for (int64_t j = 0; j < taps; ++j) {
+          const int64_t shift = dilation * (taps - 1 - j);
+          history[j] = (shift == 0 ? x + n * in_channels : ring + (n * slots + (position - shift + slots) % slots) * in_channels) + first_in;
+        }
+        step_output(w, history.data(), taps, out_channels, cig, o, b != nullptr ? b[o] : scalar_t(0), y + row);
+      }
+    });
+    for (int64_t n = 0; n < batch; ++n)
+      std::copy_n(x + n * in_channels, in_channels, ring + (n * slots + position % slots) * in_channels);
+  });
+  return output;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastdl
+
+TORCH_LIBRARY_FRAGMENT(fastdl, m) {
+  m.def("causal_conv_forward(Tensor input, Tensor weight, Tensor? bias, int dilation, int groups) -> Tensor");
+  m.def("causal_conv_backward(Tensor grad_output, Tensor input, Tensor weight, int dilation, int groups) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("causal_conv_step(Tensor input, Tensor(a!) buffer, int position, Tensor weight, Tensor? bias, int dilation, "
+        "int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("causal_conv_forward", &fastdl::cpu::causal_conv_forward);
+  m.impl("causal_conv_backward", &fastdl::cpu::causal_conv_backward);
+  m.impl("causal_conv_step", &fastdl::cpu::causal_conv_step);
+}

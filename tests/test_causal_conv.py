@@ -1,0 +1,269 @@
+"""CausalConv1d / causal_conv1d / streaming step on every backend, against
+F.conv1d(F.pad(x, (d·(k−1), 0)), w, b, dilation=d, groups=g) in fp64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdl
+from fastdl.ops import CausalConv1d, causal_conv1d, causal_conv1d_step
+from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+
+CASES = backend_device_cases()
+FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
+
+
+def oracle(x, w, b, dilation, groups):
+    return F.conv1d(F.pad(x, (dilation * (w.shape[-1] - 1), 0)), w, b, dilation=dilation, groups=groups)
+
+
+# (batch, in_channels, out_channels, length, kernel_size, dilation, groups)
+SHAPES = [
+    (2, 4, 6, 19, 3, 2, 1),     # dense, k=3
+    (2, 4, 4, 17, 2, 8, 2),     # groups 2, k=2
+    (1, 6, 6, 23, 7, 3, 6),     # depthwise, k=7, batch 1
+    (2, 4, 8, 16, 2, 1, 4),     # depthwise with 2 outputs per channel
+    (2, 4, 4, 9, 3, 1, 4),      # depthwise k=3
+    (2, 3, 5, 7, 5, 4, 1),      # sequence (7) shorter than the receptive field (17)
+    (2, 4, 4, 1, 3, 2, 1),      # length 1
+    (1, 4, 4, 12, 1, 1, 1),     # k=1: a pointwise conv
+    (2, 8, 8, 40, 2, 512, 1),   # dilation 512 past the whole sequence
+    (1, 4, 4, 600, 2, 512, 4),  # dilation 512 inside the sequence, depthwise
+    (2, 4, 6, 11, 4, 3, 2),     # k=4, groups 2
+    (2, 6, 3, 13, 6, 2, 3),     # k=6, groups 3, fewer outputs than inputs
+    (1, 80, 72, 9, 2, 3, 1),    # more channels than one Triton tile (64): several channel blocks
+]
+
+
+def _check(backend, device, dtype, x, w, b, dilation, groups, use_backend):
+    inputs = [t for t in (x, w, b) if t is not None]
+    grad = torch.randn(x.shape[0], w.shape[0], x.shape[-1], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(1))
+    def call(fn):
+        return lambda *t: fn(t[0], t[1], t[2] if b is not None else None, dilation, groups)
+    expected, expected_grads = outputs_and_grads(call(oracle), inputs, [grad], dtype=torch.float64, device="cpu")
+    with use_backend(backend, device):
+        actual, actual_grads = outputs_and_grads(call(causal_conv1d), inputs, [grad], dtype=dtype, device=device)
+    eager, eager_grads = (None,), (None,) * len(inputs)
+    if dtype in (torch.float16, torch.bfloat16):
+        eager, eager_grads = outputs_and_grads(call(oracle), inputs, [grad], dtype=dtype, device=device)
+    assert actual[0].dtype == dtype and actual[0].device.type == device
+    assert_close(actual[0], expected[0], eager=eager[0], name="output")
+    for name, a, e, eg in zip(("grad input", "grad weight", "grad bias"), actual_grads, expected_grads, eager_grads):
+        assert_close(a, e, eager=eg, name=name)
+
+
+def _operands(batch, cin, cout, length, k, groups, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, length, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(cout, cin // groups, k, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(cout, dtype=torch.float64, generator=gen).requires_grad_() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("batch,cin,cout,length,k,dilation,groups", SHAPES, ids=lambda v: str(v))
+def test_matches_torch(backend, device, dtype, batch, cin, cout, length, k, dilation, groups, use_backend):
+    x, w, b = _operands(batch, cin, cout, length, k, groups)
+    _check(backend, device, dtype, x, w, b, dilation, groups, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_without_bias_and_non_contiguous_input(backend, device, dtype, use_backend):
+    x, w, _ = _operands(2, 6, 4, 15, 3, 2, seed=3, bias=False)
+    strided = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (N, T, C) memory
+    _check(backend, device, dtype, strided, w, None, 2, 2, use_backend)
+    every_other = x.detach().repeat(1, 1, 2)[..., ::2].requires_grad_()
+    _check(backend, device, dtype, every_other, w, None, 3, 2, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_unbatched_input(backend, device, dtype, use_backend):
+    x, w, b = _operands(1, 4, 5, 10, 3, 1, seed=4)
+    with use_backend(backend, device):
+        y = causal_conv1d(x[0].to(device, dtype), w.to(device, dtype), b.to(device, dtype), 2)
+    assert_close(y, oracle(x, w, b, 2, 1)[0], name="unbatched output")
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.parametrize("shape", [(0, 4, 7), (2, 4, 0)])
+def test_empty_input(backend, device, dtype, shape, use_backend):
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 2, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    with use_backend(backend, device):
+        y = causal_conv1d(x, w, b, 2, 2)
+        y.sum().backward()
+    assert y.shape == (shape[0], 6, shape[2]) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
+    x, w, b = _operands(2, 4, 4, 20, 3, 1, seed=11)
+    x = x.detach().clone()
+    x[0, 1, 5] = float("nan")
+    x[1, 2, 9] = float("inf")
+    expected = oracle(x, w, b, 3, 1)
+    with use_backend(backend, device):
+        actual = causal_conv1d(x.to(device, dtype), w.to(device, dtype), b.to(device, dtype), 3)
+    assert_close(actual, expected, name="output with NaN/Inf")
+
+
+# (in_channels, out_channels, kernel_size, dilation, groups, batch, steps)
+STREAMS = [(4, 6, 2, 3, 1, 3, 14), (4, 4, 3, 2, 4, 2, 12), (6, 3, 4, 1, 3, 1, 9), (4, 4, 1, 1, 1, 2, 5),
+           (4, 8, 2, 16, 2, 1, 20), (80, 72, 2, 2, 1, 1, 6)]
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("cin,cout,k,dilation,groups,batch,steps", STREAMS, ids=lambda v: str(v))
+def test_streaming_steps_reproduce_forward(backend, device, dtype, cin, cout, k, dilation, groups, batch, steps,
+                                           use_backend):
+    torch.manual_seed(5)
+    conv = CausalConv1d(cin, cout, k, dilation=dilation, groups=groups).double()
+    x = torch.randn(batch, cin, steps, dtype=torch.float64)
+    expected = oracle(x, conv.weight, conv.bias, dilation, groups).detach()
+    conv = conv.to(device, dtype)
+    with use_backend(backend, device):
+        state = conv.init_state(batch)
+        outputs = []
+        for t in range(steps):
+            y, state = conv.step(x[:, :, t].to(device, dtype), state)
+            outputs.append(y)
+    assert state.position == steps
+    actual = torch.stack(outputs, dim=-1)
+    eager = oracle(x.to(device, dtype), conv.weight, conv.bias, dilation, groups).detach() \
+        if dtype in (torch.float16, torch.bfloat16) else None
+    assert_close(actual, expected, eager=eager, name="streamed output")
+
+
+def _stack(module_type, channels, kernel_size, dilations):
+    return torch.nn.ModuleList(module_type(channels, channels, kernel_size, dilation=d) for d in dilations)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_dilated_stack_equals_conv1d_twin(backend, use_backend):
+    """A 10-layer WaveNet-style stack (dilations 1 … 512, receptive field 1024) against nn.Conv1d layers
+    holding the same state_dict, fed the left-padded input; natively also streamed step by step (every
+    backend's step is checked against its forward in test_streaming_steps_reproduce_forward)."""
+    dilations = [2 ** i for i in range(10)]
+    torch.manual_seed(6)
+    ours = torch.nn.ModuleList(CausalConv1d(4, 4, 2, dilation=d) for d in dilations).double()
+    twin = torch.nn.ModuleList(torch.nn.Conv1d(4, 4, 2, dilation=d) for d in dilations).double()
+    twin.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 1100, dtype=torch.float64)
+    expected = x
+    for layer in twin:
+        expected = torch.tanh(layer(F.pad(expected, (layer.dilation[0], 0))))
+    with use_backend(backend, "cpu"):
+        actual = x
+        for layer in ours:
+            actual = torch.tanh(layer(actual))
+    assert_close(actual, expected, name="stack output")
+    if backend != "native":
+        return
+    with use_backend(backend, "cpu"):
+        state = [layer.init_state(2) for layer in ours]
+        last = None
+        for t in range(1100):
+            value = x[:, :, t]
+            for i, layer in enumerate(ours):
+                value, state[i] = layer.step(value, state[i])
+                value = torch.tanh(value)
+            last = value
+    assert_close(last, expected[:, :, -1], name="stack streamed last step")
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_deterministic(backend, device, dtype, use_backend):
+    x, w, b = (t.detach().to(device, dtype).requires_grad_() for t in _operands(3, 8, 8, 70, 3, 2, seed=7))
+    grad = torch.randn(3, 8, 70, device=device, dtype=dtype)
+    runs = []
+    with use_backend(backend, device):
+        for _ in range(2):
+            y = causal_conv1d(x, w, b, 5, 2)
+            runs.append((y, *torch.autograd.grad(y, (x, w, b), grad)))
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
+
+
+def test_native_gradcheck_fp64(use_backend):
+    with use_backend("native", "cpu"):
+        for groups, k, dilation in ((1, 3, 2), (4, 2, 3)):
+            x, w, b = _operands(2, 4, 4, 7, k, groups, seed=8)
+            assert torch.autograd.gradcheck(lambda *t: causal_conv1d(*t, dilation, groups), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_opcheck(backend, use_backend):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b = (t.detach().float().to(device).requires_grad_() for t in _operands(2, 4, 6, 9, 3, 2, seed=9))
+    with use_backend(backend, device):
+        torch.library.opcheck(torch.ops.fastdl.causal_conv1d.default, (x, w, b, 2, 2))
+        torch.library.opcheck(torch.ops.fastdl.causal_conv1d.default, (x, w, None, 1, 2))
+        grad = torch.randn(2, 6, 9, device=device)
+        torch.library.opcheck(torch.ops.fastdl.causal_conv1d_backward.default, (grad, x.detach(), w.detach(), 2, 2))
+        buffer = torch.randn(2, 5, 4, device=device)
+        torch.library.opcheck(torch.ops.fastdl.causal_conv1d_step.default,
+                              (x.detach()[:, :, 0], buffer, 7, w.detach(), b.detach(), 2, 2))
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(CausalConv1d(3, 8, 2, dilation=1), torch.nn.Tanh(), CausalConv1d(8, 8, 3, dilation=4, groups=8))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 30, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    expected = oracle(torch.tanh(oracle(x, model[0].weight, model[0].bias, 1, 1)), model[2].weight, model[2].bias, 4, 8)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # The streaming step (an op that updates the state buffer in place) compiles whole as well.
+    step = torch.compile(model[2].step, fullgraph=True, backend="aot_eager", dynamic=True)
+    hidden = torch.tanh(oracle(x, model[0].weight, model[0].bias, 1, 1)).detach()
+    state, outputs = model[2].init_state(2), []
+    for t in range(hidden.shape[-1]):
+        y, state = step(hidden[:, :, t], state)
+        outputs.append(y)
+    torch.testing.assert_close(torch.stack(outputs, dim=-1), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_module_is_a_drop_in():
+    ours, theirs = CausalConv1d(4, 6, 3, dilation=2, groups=2), torch.nn.Conv1d(4, 6, 3, dilation=2, groups=2)
+    assert isinstance(ours, torch.nn.Conv1d)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 10)
+    torch.testing.assert_close(ours(x), theirs(F.pad(x, (4, 0))), rtol=1e-5, atol=1e-6)
+    no_bias = CausalConv1d(4, 4, 2, bias=False)
+    assert no_bias.bias is None and set(no_bias.state_dict()) == {"weight"}
+    assert ours.receptive_field == 5
+
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda: causal_conv1d(torch.randn(3), torch.randn(2, 3, 2)), RuntimeError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 3, 2)), RuntimeError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=0), ValueError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=1.5), TypeError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(3, 2, 2), groups=2), RuntimeError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), torch.randn(3)), RuntimeError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2).double()), RuntimeError),
+        (lambda: CausalConv1d(4, 4, 2).step(torch.randn(2, 4), CausalConv1d(4, 4, 3).init_state(2)), RuntimeError),
+        (lambda: CausalConv1d(4, 4, 2).step(torch.randn(2, 4, 1), CausalConv1d(4, 4, 2).init_state(2)), RuntimeError),
+    ],
+    ids=["rank1", "channels", "dilation0", "dilation-float", "groups", "bias-shape", "dtype", "state", "step-rank"],
+)
+def test_bad_input_raises_like_torch(call, error):
+    with pytest.raises(error, match="causal_conv1d"):
+        call()
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    x, w = torch.randn(2, 3, 4, dtype=torch.float16), torch.randn(2, 3, 2, dtype=torch.float16)
+    with fastdl.backend("native"), pytest.raises(NotImplementedError) as info:
+        causal_conv1d(x, w)
+    message = str(info.value)
+    assert "dtype float16 is not supported on cpu" in message
+    assert "reference: can run it" in message and "triton:" in message
