@@ -1,0 +1,291 @@
+// Spectral normalization (SN-GAN / WGAN discriminators), CPU kernels.
+//
+// W is seen as a row-major matrix: its dimension `dim` gives the H rows, the other dimensions, in
+// order, the C columns. With normalize(x) = x / max(‖x‖, ε), a training step runs n power iterations
+//   u ← normalize(W v),  v ← normalize(Wᵀ u)
+// (eval mode keeps u and v), then σ = uᵀ W v and W_SN = W / σ. Backward (G = ∂L/∂W_SN, u and v held
+// constant as torch does): ∂L/∂W = G / σ − (⟨G, W⟩ / σ²) · u vᵀ.
+//
+// Passes over W, the only large operand (torch's parametrization reads W four times for n = 1):
+// * One per iteration. While row w_h is in cache, s_h = w_h · v and Wᵀs += s_h w_h; then
+//   u = s / max(‖s‖, ε) and Wᵀu = Wᵀs / max(‖s‖, ε), so W v and Wᵀ u cost a single read of W.
+// * None for σ after an iteration: v = t / max(‖t‖, ε) with t = Wᵀu, so σ = uᵀ W v = ‖t‖² / max(‖t‖, ε).
+//   (Eval mode has no iteration, so there σ = Σ_h u_h (w_h · v) is one read.)
+// * One read + one write for W / σ.
+// Backward is two passes: ⟨G, W⟩, then G / σ − c u_h v_col, which needs no W.
+//
+// Parallelism and determinism: rows are cut into a number of blocks that depends only on the shape
+// (never on the thread count); each block accumulates its own partial Wᵀs, and the partials are added
+// in block order. Dot products keep kLanes independent partial sums: GCC may not reassociate a float
+// reduction (no -ffast-math), but it vectorizes independent lanes, and the lanes are added in a fixed
+// order. The same input thus gives bit-identical results run to run, whatever the threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace fastdl {
+namespace cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;              // independent partial sums per dot product
+constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
+constexpr int64_t kBlockElements = 1 << 15; // W elements per parallel block: small W stays on one thread
+constexpr int64_t kMaxBlocks = 16;
+constexpr int64_t kGrain = 1 << 16;         // elements per thread below which elementwise work stays serial
+
+// dots[r] = w_r · v for the R rows starting at w (row stride `cols`).
+template <typename scalar_t, int R>
+FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* dots) {
+  scalar_t lanes[R][kLanes] = {};
+  const int64_t body = cols - cols % kLanes;
+  for (int64_t c = 0; c < body; c += kLanes)
+    for (int r = 0; r < R; ++r)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[r][l] += w[r * cols + c + l] * v[c + l];
+  for (int r = 0; r < R; ++r) {
+    scalar_t dot = 0;
+    for (int64_t l = 0; l < kLanes; ++l) dot += lanes[r][l];
+    for (int64_t c = body; c < cols; ++c) dot += w[r * cols + c] * v[c];
+    dots[r] = dot;
+  }
+}
+
+// s[r] = w_r · v and t += Σ_r s[r] w_r for the R rows starting at w: both halves of a power iteration
+// while the rows are in cache.
+template <typename scalar_t, int R>
+FASTDL_INLINE void fused_rows(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* s, scalar_t* t) {
+  scalar_t dots[R];
+  row_dots<scalar_t, R>(w, cols, v, dots);
+  for (int r = 0; r < R; ++r) s[r] = dots[r];
+  for (int64_t c = 0; c < cols; ++c) {
+    scalar_t sum = t[c];
+    for (int r = 0; r < R; ++r) sum += dots[r] * w[r * cols + c];
+    t[c] = sum;
+  }
+}
+
+// Rows [begin, end) of W: s_h = w_h · v, and t = Σ_h s_h w_h (t overwritten).
+template <typename scalar_t>
+FASTDL_CPU_CLONES void power_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* v,
+                                  scalar_t* s, scalar_t* t) {
+  std::fill(t, t + cols, scalar_t(0));
+  int64_t h = begin;
+  for (; h + kRowsPerStep <= end; h += kRowsPerStep)
+    fused_rows<scalar_t, kRowsPerStep>(W + h * cols, cols, v, s + h, t);
+  for (; h < end; ++h) fused_rows<scalar_t, 1>(W + h * cols, cols, v, s + h, t);
+}
+
+// Σ_{h ∈ [begin, end)} u_h (w_h · v), in double.
+template <typename scalar_t>
+FASTDL_CPU_CLONES double bilinear_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* u,
+                                       const scalar_t* v) {
+  double sum = 0;
+  int64_t h = begin;
+  scalar_t dots[kRowsPerStep];
+  for (; h + kRowsPerStep <= end; h += kRowsPerStep) {
+    row_dots<scalar_t, kRowsPerStep>(W + h * cols, cols, v, dots);
+    for (int r = 0; r < kRowsPerStep; ++r) sum += static_cast<double>(u[h + r]) * dots[r];
+  }
+  for (; h < end; ++h) {
+    row_dots<scalar_t, 1>(W + h * cols, cols, v, dots);
+    sum += static_cast<double>(u[h]) * dots[0];
+  }
+  return sum;
+}
+
+template <typename scalar_t>
+FASTDL_CPU_CLONES void add_into(scalar_t* target, const scalar_t* source, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) target[i] += source[i];
+}
+
+template <typename scalar_t>
+FASTDL_CPU_CLONES void divide(const scalar_t* x, scalar_t divisor, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / divisor;
+}
+
+// ∂L/∂W on one row segment W[a, h, 0..B): g / σ − (c u_h) · v[a·B + b].
+template <typename scalar_t>
+FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t sigma, scalar_t coefficient_u, const scalar_t* v,
+                                        scalar_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / sigma - coefficient_u * v[i];
+}
+
+template <typename scalar_t>
+double squared_norm(const scalar_t* x, int64_t n) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
+  return sum;
+}
+
+// How many row blocks W is cut into: a function of the shape only, so results do not depend on threads.
+int64_t row_blocks(int64_t rows, int64_t cols) {
+  const int64_t by_work = rows * cols / kBlockElements;
+  const int64_t by_rows = std::max<int64_t>(1, rows / kRowsPerStep);
+  return std::clamp<int64_t>(by_work, 1, std::min(kMaxBlocks, by_rows));
+}
+
+int64_t block_begin(int64_t block, int64_t blocks, int64_t rows) { return rows * block / blocks; }
+
+// One power iteration: u ← normalize(W v), v ← normalize(Wᵀ u) in place; returns ‖Wᵀu‖.
+template <typename scalar_t>
+double power_iteration(const scalar_t* W, int64_t rows, int64_t cols, double eps, scalar_t* u, scalar_t* v,
+                       std::vector<scalar_t>& partials) {
+  const int64_t blocks = row_blocks(rows, cols);
+  partials.resize(blocks * cols);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      power_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, v, u,
+                 partials.data() + b * cols);
+  });
+  scalar_t* t = partials.data();
+  for (int64_t b = 1; b < blocks; ++b) add_into(t, partials.data() + b * cols, cols);
+  // u holds s = W v here: u = s / max(‖s‖, ε) and Wᵀu = t / max(‖s‖, ε).
+  const scalar_t s_denominator = static_cast<scalar_t>(std::max(std::sqrt(squared_norm(u, rows)), eps));
+  for (int64_t h = 0; h < rows; ++h) u[h] /= s_denominator;
+  for (int64_t c = 0; c < cols; ++c) t[c] /= s_denominator;
+  const double t_norm = std::sqrt(squared_norm(t, cols));
+  const scalar_t t_denominator = static_cast<scalar_t>(std::max(t_norm, eps));
+  for (int64_t c = 0; c < cols; ++c) v[c] = t[c] / t_denominator;
+  return t_norm;
+}
+
+template <typename scalar_t>
+double bilinear(const scalar_t* W, int64_t rows, int64_t cols, const scalar_t* u, const scalar_t* v) {
+  const int64_t blocks = row_blocks(rows, cols);
+  std::vector<double> sums(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      sums[b] = bilinear_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, u, v);
+  });
+  double sum = 0;
+  for (const double partial : sums) sum += partial;
+  return sum;
+}
+
+// ⟨a, b⟩ over n elements, in fixed chunks summed in order (deterministic, whatever the threads).
+template <typename scalar_t>
+double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  const int64_t chunks = (n + kBlockElements - 1) / kBlockElements;
+  std::vector<double> sums(chunks);
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / kBlockElements), [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t begin = chunk * kBlockElements, length = std::min(kBlockElements, n - begin);
+      scalar_t value;
+      row_dots<scalar_t, 1>(a + begin, length, b + begin, &value);
+      sums[chunk] = value;
+    }
+  });
+  double sum = 0;
+  for (const double partial : sums) sum += partial;
+  return sum;
+}
+
+void check_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim, const char* name) {
+  TORCH_CHECK(weight.dim() >= 2, name, ": expected a weight of 2 or more dimensions, got ", weight.dim());
+  TORCH_CHECK(dim >= 0 && dim < weight.dim(), name, ": dim must be in [0, ", weight.dim() - 1, "], got ", dim);
+  const int64_t rows = weight.size(dim), cols = rows == 0 ? 0 : weight.numel() / rows;
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == rows, name, ": u must be a vector of length ", rows, ", got shape ",
+              u.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == cols, name, ": v must be a vector of length ", cols, ", got shape ",
+              v.sizes());
+  TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(), name,
+              ": u and v must have the weight's dtype ", weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward(
+    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim, int64_t n_power_iterations,
+    double eps, bool training) {
+  check_args(weight, u, v, dim, "fastdl::spectral_norm_forward");
+  TORCH_CHECK(n_power_iterations > 0, "fastdl::spectral_norm_forward: n_power_iterations must be positive, got ",
+              n_power_iterations);
+  // The matrix view, row-major. No copy for dim 0 (or any dim with only size-1 dims before it).
+  const at::Tensor matrix = weight.movedim(dim, 0).contiguous();
+  const int64_t rows = weight.size(dim), cols = rows == 0 ? 0 : weight.numel() / rows;
+  at::Tensor u_out = u.clone(at::MemoryFormat::Contiguous);
+  at::Tensor v_out = v.clone(at::MemoryFormat::Contiguous);
+  // W / σ elementwise over W's own storage when it is dense (keeps channels_last weights as they are).
+  const at::Tensor source = weight.is_non_overlapping_and_dense() ? weight : matrix.movedim(0, dim);
+  at::Tensor weight_sn = at::empty_like(source);
+  double sigma = 0;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fastdl::spectral_norm_forward", [&] {
+    const scalar_t* W = matrix.const_data_ptr<scalar_t>();
+    scalar_t* u_data = u_out.mutable_data_ptr<scalar_t>();
+    scalar_t* v_data = v_out.mutable_data_ptr<scalar_t>();
+    if (training) {
+      std::vector<scalar_t> partials;
+      double t_norm = 0;
+      for (int64_t i = 0; i < n_power_iterations; ++i)
+        t_norm = power_iteration(W, rows, cols, eps, u_data, v_data, partials);
+      sigma = t_norm * t_norm / std::max(t_norm, eps);
+    } else {
+      sigma = bilinear(W, rows, cols, u_data, v_data);
+    }
+    // σ is rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
+    const scalar_t divisor = static_cast<scalar_t>(sigma);
+    const scalar_t* x = source.const_data_ptr<scalar_t>();
+    scalar_t* y = weight_sn.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      divide(x + begin, divisor, y + begin, end - begin);
+    });
+  });
+  return {weight_sn, u_out, v_out, at::scalar_tensor(sigma, weight.options())};
+}
+
+at::Tensor spectral_norm_backward(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& u,
+                                  const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  check_args(weight, u, v, dim, "fastdl::spectral_norm_backward");
+  TORCH_CHECK(grad_output.sizes() == weight.sizes(), "fastdl::spectral_norm_backward: grad_output has shape ",
+              grad_output.sizes(), " but weight has shape ", weight.sizes());
+  TORCH_CHECK(sigma.numel() == 1, "fastdl::spectral_norm_backward: sigma must have one element, got ", sigma.numel());
+  const at::Tensor g = grad_output.contiguous(), w = weight.contiguous();
+  const at::Tensor u_c = u.contiguous(), v_c = v.contiguous();
+  at::Tensor grad_weight = at::empty_like(w);
+  // W as (A, H, B): A = the dims before `dim`, H = its size, B = the dims after; column = a·B + b.
+  const int64_t rows = weight.size(dim);
+  int64_t before = 1;
+  for (int64_t d = 0; d < dim; ++d) before *= weight.size(d);
+  const int64_t after = rows * before == 0 ? 0 : weight.numel() / (rows * before);
+  const double sigma_value = sigma.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fastdl::spectral_norm_backward", [&] {
+    const scalar_t* g_data = g.const_data_ptr<scalar_t>();
+    const scalar_t* u_data = u_c.const_data_ptr<scalar_t>();
+    const scalar_t* v_data = v_c.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
+    const double coefficient = dot(g_data, w.const_data_ptr<scalar_t>(), weight.numel()) / (sigma_value * sigma_value);
+    const scalar_t divisor = static_cast<scalar_t>(sigma_value);
+    at::parallel_for(0, before * rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, after)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t segment = begin; segment < end; ++segment) {
+                         const int64_t a = segment / rows, h = segment % rows;
+                         gradient_segment(g_data + segment * after, divisor,
+                                          static_cast<scalar_t>(coefficient * u_data[h]), v_data + a * after,
+                                          out + segment * after, after);
+                       }
+                     });
+  });
+  return grad_weight;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastdl
+
+TORCH_LIBRARY_FRAGMENT(fastdl, m) {
+  m.def(
+      "spectral_norm_forward(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, "
+      "bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "spectral_norm_backward(Tensor grad_output, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> "
+      "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("spectral_norm_forward", &fastdl::cpu::spectral_norm_forward);
+  m.impl("spectral_norm_backward", &fastdl::cpu::spectral_norm_backward);
+}
