@@ -20,6 +20,7 @@
 // reduction (no -ffast-math), but it vectorizes independent lanes, and the lanes are added in a fixed
 // order. The same input thus gives bit-identical results run to run, whatever the threads.
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -36,9 +37,9 @@ namespace {
 
 constexpr int64_t kLanes = 16;              // independent partial sums per dot product
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
-constexpr int64_t kBlockElements = 1 << 15; // W elements per parallel block: small W stays on one thread
+constexpr int64_t kBlockElements = 1 << 18; // W elements per parallel block: W up to 1 MiB stays on one thread
 constexpr int64_t kMaxBlocks = 16;
-constexpr int64_t kGrain = 1 << 16;         // elements per thread below which elementwise work stays serial
+constexpr int64_t kGrain = 1 << 18;         // elements per thread below which elementwise work stays serial
 
 // dots[r] = w_r · v for the R rows starting at w (row stride `cols`).
 template <typename scalar_t, int R>
@@ -205,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
   TORCH_CHECK(n_power_iterations > 0, "fastdl::spectral_norm_forward: n_power_iterations must be positive, got ",
               n_power_iterations);
   // The matrix view, row-major. No copy for dim 0 (or any dim with only size-1 dims before it).
-  const at::Tensor matrix = weight.movedim(dim, 0).contiguous();
+  const at::Tensor matrix = dim == 0 ? weight.contiguous() : weight.movedim(dim, 0).contiguous();
   const int64_t rows = weight.size(dim), cols = rows == 0 ? 0 : weight.numel() / rows;
   at::Tensor u_out = u.clone(at::MemoryFormat::Contiguous);
   at::Tensor v_out = v.clone(at::MemoryFormat::Contiguous);
@@ -272,6 +273,51 @@ at::Tensor spectral_norm_backward(const at::Tensor& grad_output, const at::Tenso
   return grad_weight;
 }
 
+// A whole spectral-norm step for eager mode: u and v (the parametrization's buffers) updated in place,
+// W / σ returned, its autograd node made here. It exists for speed: for SN-GAN-sized weights, the Python
+// custom-op machinery around fastdl::spectral_normalize costs several times the kernels themselves,
+// while this C++ node costs about a microsecond. Traced code (torch.compile, export) uses the custom op.
+class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
+                            at::Tensor v, int64_t dim, int64_t n_power_iterations, double eps, bool training) {
+    auto [weight_sn, new_u, new_v, sigma] = spectral_norm_forward(weight, u, v, dim, n_power_iterations, eps, training);
+    if (training) {
+      u.copy_(new_u);
+      v.copy_(new_v);
+    }
+    // The step's own u and v, not the buffers: a later step may overwrite the buffers before backward
+    // (D(real) and D(fake) in one GAN loss), as torch's clones guard against too.
+    ctx->save_for_backward({weight, new_u, new_v, sigma});
+    ctx->saved_data["dim"] = dim;
+    return weight_sn;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_weight =
+        spectral_norm_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], ctx->saved_data["dim"].toInt());
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor spectral_norm_step_autograd(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
+                                       int64_t n_power_iterations, double eps, bool training) {
+  return SpectralNormStep::apply(weight, u, v, dim, n_power_iterations, eps, training);
+}
+
+// Below autograd (inference mode): the same step without the node.
+at::Tensor spectral_norm_step(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
+                              int64_t n_power_iterations, double eps, bool training) {
+  auto [weight_sn, new_u, new_v, sigma] = spectral_norm_forward(weight, u, v, dim, n_power_iterations, eps, training);
+  if (training) {
+    u.copy_(new_u);
+    v.copy_(new_v);
+  }
+  return weight_sn;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastdl
@@ -283,9 +329,17 @@ TORCH_LIBRARY_FRAGMENT(fastdl, m) {
   m.def(
       "spectral_norm_backward(Tensor grad_output, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> "
       "Tensor");
+  m.def(
+      "spectral_norm_step(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+      "bool training) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("spectral_norm_forward", &fastdl::cpu::spectral_norm_forward);
   m.impl("spectral_norm_backward", &fastdl::cpu::spectral_norm_backward);
+  m.impl("spectral_norm_step", &fastdl::cpu::spectral_norm_step);
+}
+
+TORCH_LIBRARY_IMPL(fastdl, AutogradCPU, m) {
+  m.impl("spectral_norm_step", &fastdl::cpu::spectral_norm_step_autograd);
 }

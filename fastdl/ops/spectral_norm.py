@@ -165,36 +165,16 @@ def _backward(ctx, grad_output: Tensor, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerNative(torch.autograd.Function):
-    """The native kernels without the custom op's Python dispatch, for eager mode only.
-
-    ``torch.library.custom_op`` spends ~35 µs of Python per call (argument re-packing, its generated
-    autograd.Function, the dynamo guard around the implementation): more than the kernels themselves for
-    every SN-GAN weight. Eager calls that would run the native kernels therefore come here; anything
-    traced (torch.compile, export) and the other backends go through ``fastdl::spectral_normalize``.
-    The kernels, saved tensors and gradient are the same.
+def _eager_native(weight: Tensor) -> bool:
+    """Whether a step on ``weight`` runs as ``fastdl::spectral_norm_step``, the native CPU step with its
+    autograd node in C++. ``torch.library.custom_op`` spends ~35 µs of Python per call (argument
+    re-packing, its generated autograd.Function, the dynamo guard around the implementation): several
+    times the kernels themselves for SN-GAN-sized weights. Eager calls that would run the native CPU
+    kernels thus skip it; traced code (torch.compile, export), CUDA and the other backends go through
+    ``fastdl::spectral_normalize``. Kernels, saved tensors and gradient are the same either way.
     """
-
-    @staticmethod
-    def forward(ctx, weight, u, v, dim, n_power_iterations, eps, training):
-        output = _native_forward(weight, u, v, dim, n_power_iterations, eps, training)
-        _save_for_backward(ctx, weight, dim, *output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output, *_):
-        weight, u, v, sigma = ctx.saved_tensors
-        grad_weight = _native_backward(grad_output.contiguous(), weight, u, v, sigma, ctx.dim)
-        return grad_weight, None, None, None, None, None, None
-
-
-def _spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
-                        training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``fastdl::spectral_normalize`` on checked arguments, by the eager shortcut when that is equivalent."""
-    if not torch.compiler.is_compiling() and _FORWARD.select(weight.device, weight.dtype).backend == "native" \
-            and (weight.is_contiguous() or not weight.is_non_overlapping_and_dense()):
-        return _EagerNative.apply(weight, u, v, dim, n_power_iterations, eps, training)
-    return _forward_op(weight, u, v, dim, n_power_iterations, eps, training)
+    return (weight.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _FORWARD.select(weight.device, weight.dtype).backend == "native")
 
 
 def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
@@ -253,10 +233,13 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
     given ones). Differentiable in ``weight`` with u and v held constant, as torch's parametrization.
     """
     dim = _check(weight, u, v, n_power_iterations, eps, dim)
-    weight_sn, new_u, new_v, _ = _spectral_normalize(weight, u, v, dim, n_power_iterations, float(eps), bool(training))
-    if not training:
-        return weight_sn, u, v
-    return weight_sn, new_u, new_v
+    eps, training = float(eps), bool(training)
+    if _eager_native(weight):
+        new_u, new_v = (u.detach().clone(), v.detach().clone()) if training else (u, v)
+        weight_sn = torch.ops.fastdl.spectral_norm_step(weight, new_u, new_v, dim, n_power_iterations, eps, training)
+        return weight_sn, new_u, new_v
+    weight_sn, new_u, new_v, _ = _forward_op(weight, u, v, dim, n_power_iterations, eps, training)
+    return (weight_sn, new_u, new_v) if training else (weight_sn, u, v)
 
 
 class _SpectralNorm(parametrizations._SpectralNorm):
@@ -270,8 +253,11 @@ class _SpectralNorm(parametrizations._SpectralNorm):
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
-        weight_sn, u, v, _ = _spectral_normalize(weight, self._u, self._v, self.dim, self.n_power_iterations,
-                                                 float(self.eps), self.training)
+        if _eager_native(weight):  # updates _u and _v in place itself
+            return torch.ops.fastdl.spectral_norm_step(weight, self._u, self._v, self.dim, self.n_power_iterations,
+                                                       self.eps, self.training)
+        weight_sn, u, v, _ = _forward_op(weight, self._u, self._v, self.dim, self.n_power_iterations, float(self.eps),
+                                         self.training)
         if self.training:
             # In place, as torch does, so that DataParallel replicas update the original module's buffers.
             self._u.copy_(u)
