@@ -16,7 +16,7 @@
 //
 // Parallelism and determinism: rows are cut into a number of blocks that depends only on the shape
 // (never on the thread count); each block accumulates its own partial Wᵀs, and the partials are added
-// in block order. Dot products keep kLanes independent partial sums: GCC may not reassociate a float
+// in block order. Dot products keep a vector of independent partial sums: GCC may not reassociate a float
 // reduction (no -ffast-math), but it vectorizes independent lanes, and the lanes are added in a fixed
 // order. The same input thus gives bit-identical results run to run, whatever the threads.
 #include <ATen/Parallel.h>
@@ -26,32 +26,79 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace fastdl {
 namespace cpu {
 namespace {
 
-constexpr int64_t kLanes = 16;              // independent partial sums per dot product
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
 constexpr int64_t kBlockElements = 1 << 18; // W elements per parallel block: W up to 1 MiB stays on one thread
 constexpr int64_t kMaxBlocks = 16;
+constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
+constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
 constexpr int64_t kGrain = 1 << 18;         // elements per thread below which elementwise work stays serial
 
-// dots[r] = w_r · v for the R rows starting at w (row stride `cols`).
+// A 64-byte vector of scalars (GCC vector extension): one zmm on AVX-512, split into ymm/xmm registers
+// by the AVX2 and baseline clones. Named accumulator vectors stay in registers, where a scalar lanes[]
+// array spilled to the stack on every iteration.
+// (GCC drops vector_size on a dependent type in an alias template, hence one typedef per scalar type.)
+template <typename scalar_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename scalar_t>
+using Vec = typename VecOf<scalar_t>::type;
+
+template <typename scalar_t>
+FASTDL_INLINE Vec<scalar_t> load(const scalar_t* p) {
+  Vec<scalar_t> value;
+  std::memcpy(&value, p, sizeof(value));  // an unaligned vector load
+  return value;
+}
+
+template <typename scalar_t>
+FASTDL_INLINE scalar_t lane_sum(Vec<scalar_t> x) {
+  scalar_t sum = 0;
+  for (size_t l = 0; l < sizeof(x) / sizeof(scalar_t); ++l) sum += x[l];
+  return sum;
+}
+
+// dots[r] = w_r · v for the R (1 or 4) rows starting at w (row stride `cols`). Each row keeps a vector
+// of partial sums (a vectorized reduction GCC may not make itself without -ffast-math), added in a
+// fixed order at the end: deterministic.
 template <typename scalar_t, int R>
 FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* dots) {
-  scalar_t lanes[R][kLanes] = {};
+  static_assert(R == 1 || R == 4);
+  constexpr int64_t kLanes = sizeof(Vec<scalar_t>) / sizeof(scalar_t);
+  Vec<scalar_t> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   const int64_t body = cols - cols % kLanes;
-  for (int64_t c = 0; c < body; c += kLanes)
-    for (int r = 0; r < R; ++r)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[r][l] += w[r * cols + c + l] * v[c + l];
+  for (int64_t c = 0; c < body; c += kLanes) {
+    const Vec<scalar_t> x = load(v + c);
+    acc0 += load(w + c) * x;
+    if constexpr (R == 4) {
+      acc1 += load(w + cols + c) * x;
+      acc2 += load(w + 2 * cols + c) * x;
+      acc3 += load(w + 3 * cols + c) * x;
+    }
+  }
+  const Vec<scalar_t> accs[4] = {acc0, acc1, acc2, acc3};
   for (int r = 0; r < R; ++r) {
-    scalar_t dot = 0;
-    for (int64_t l = 0; l < kLanes; ++l) dot += lanes[r][l];
+    scalar_t dot = lane_sum<scalar_t>(accs[r]);
     for (int64_t c = body; c < cols; ++c) dot += w[r * cols + c] * v[c];
     dots[r] = dot;
   }
@@ -105,16 +152,49 @@ FASTDL_CPU_CLONES void add_into(scalar_t* target, const scalar_t* source, int64_
   for (int64_t i = 0; i < n; ++i) target[i] += source[i];
 }
 
+// y = x · (1/σ): a multiply by the reciprocal, within an ulp of x / σ; a vector divide costs several
+// times a multiply and made this pass compute-bound.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void divide(const scalar_t* x, scalar_t divisor, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / divisor;
+FASTDL_CPU_CLONES void scale(const scalar_t* x, scalar_t factor, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * factor;
 }
 
-// ∂L/∂W on one row segment W[a, h, 0..B): g / σ − (c u_h) · v[a·B + b].
+// The same for a W / σ larger than the caches, with non-temporal stores: a plain store first reads
+// the destination line into cache, so W / σ would cost read W + read and write W / σ; streaming
+// stores skip that read, a third of the pass's memory traffic. (SSE2: every x86-64 target has it.)
+FASTDL_INLINE bool scale_streaming(const float* x, float factor, float* y, int64_t n) {
+#if defined(__x86_64__)
+  if (reinterpret_cast<uintptr_t>(y) % 16 != 0) return false;
+  const __m128 f = _mm_set1_ps(factor);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(y + i, _mm_mul_ps(_mm_loadu_ps(x + i), f));
+  for (; i < n; ++i) y[i] = x[i] * factor;
+  _mm_sfence();
+  return true;
+#else
+  return false;
+#endif
+}
+
+FASTDL_INLINE bool scale_streaming(const double* x, double factor, double* y, int64_t n) {
+#if defined(__x86_64__)
+  if (reinterpret_cast<uintptr_t>(y) % 16 != 0) return false;
+  const __m128d f = _mm_set1_pd(factor);
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) _mm_stream_pd(y + i, _mm_mul_pd(_mm_loadu_pd(x + i), f));
+  for (; i < n; ++i) y[i] = x[i] * factor;
+  _mm_sfence();
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ∂L/∂W on one row segment W[a, h, 0..B): g · (1/σ) − (c u_h) · v[a·B + b].
 template <typename scalar_t>
-FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t sigma, scalar_t coefficient_u, const scalar_t* v,
-                                        scalar_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / sigma - coefficient_u * v[i];
+FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t inverse_sigma, scalar_t coefficient_u,
+                                        const scalar_t* v, scalar_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] * inverse_sigma - coefficient_u * v[i];
 }
 
 template <typename scalar_t>
@@ -228,11 +308,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
       sigma = bilinear(W, rows, cols, u_data, v_data);
     }
     // σ is rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
-    const scalar_t divisor = static_cast<scalar_t>(sigma);
+    const scalar_t factor = static_cast<scalar_t>(1.0 / static_cast<scalar_t>(sigma));
     const scalar_t* x = source.const_data_ptr<scalar_t>();
     scalar_t* y = weight_sn.mutable_data_ptr<scalar_t>();
+    // Back to front: the power iteration just streamed W front to back, so its tail is still in cache.
+    // An output that fits in cache stays there for the layer that reads it next; a larger one streams.
+    const bool streaming = weight.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamingBytes;
     at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      divide(x + begin, divisor, y + begin, end - begin);
+      for (int64_t stop = end; stop > begin; stop -= kScaleChunk) {
+        const int64_t start = std::max(begin, stop - kScaleChunk);
+        if (!(streaming && scale_streaming(x + start, factor, y + start, stop - start)))
+          scale(x + start, factor, y + start, stop - start);
+      }
     });
   });
   return {weight_sn, u_out, v_out, at::scalar_tensor(sigma, weight.options())};
@@ -259,12 +346,12 @@ at::Tensor spectral_norm_backward(const at::Tensor& grad_output, const at::Tenso
     const scalar_t* v_data = v_c.const_data_ptr<scalar_t>();
     scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
     const double coefficient = dot(g_data, w.const_data_ptr<scalar_t>(), weight.numel()) / (sigma_value * sigma_value);
-    const scalar_t divisor = static_cast<scalar_t>(sigma_value);
+    const scalar_t inverse_sigma = static_cast<scalar_t>(1.0 / sigma_value);
     at::parallel_for(0, before * rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, after)),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t segment = begin; segment < end; ++segment) {
                          const int64_t a = segment / rows, h = segment % rows;
-                         gradient_segment(g_data + segment * after, divisor,
+                         gradient_segment(g_data + segment * after, inverse_sigma,
                                           static_cast<scalar_t>(coefficient * u_data[h]), v_data + a * after,
                                           out + segment * after, after);
                        }
