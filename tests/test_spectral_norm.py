@@ -318,3 +318,17 @@ def test_explicit_backend_that_cannot_run_says_why():
         spectral_normalize(weight, torch.randn(4, dtype=torch.float16), torch.randn(3, dtype=torch.float16))
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message and "reference: can run it" in message
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_weight_under_no_grad_and_inference_mode(mode):
+    torch.manual_seed(0)
+    theirs = torch_spectral_norm(nn.Linear(20, 30))
+    ours = spectral_norm(nn.Linear(20, 30))
+    ours.load_state_dict(theirs.state_dict())
+    with getattr(torch, mode)():
+        for _ in range(3):
+            expected, actual = theirs.weight, ours.weight
+    assert not actual.requires_grad
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_sn_state(ours)[0]._u, _sn_state(theirs)[0]._u, rtol=1e-5, atol=1e-6)

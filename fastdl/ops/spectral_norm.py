@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from .._backends import Kernel, OpKernels
+from .._backends import Kernel, OpKernels, get_backend
 from .._layout import in_format, preserved_format
 
 __all__ = ["spectral_norm", "spectral_normalize"]
@@ -165,6 +165,9 @@ def _backward(ctx, grad_output: Tensor, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_EAGER_NATIVE: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _eager_native(weight: Tensor) -> bool:
     """Whether a step on ``weight`` runs as ``fastdl::spectral_norm_step``, the native CPU step with its
     autograd node in C++. ``torch.library.custom_op`` spends ~35 µs of Python per call (argument
@@ -173,8 +176,15 @@ def _eager_native(weight: Tensor) -> bool:
     kernels thus skip it; traced code (torch.compile, export), CUDA and the other backends go through
     ``fastdl::spectral_normalize``. Kernels, saved tensors and gradient are the same either way.
     """
-    return (weight.device.type == "cpu" and not torch.compiler.is_compiling()
-            and _FORWARD.select(weight.device, weight.dtype).backend == "native")
+    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    # For CPU tensors the selection depends only on the backend in force and the dtype: it is cached,
+    # since running it costs as much as the kernels for small weights.
+    key = (get_backend(), weight.dtype)
+    chosen = _EAGER_NATIVE.get(key)
+    if chosen is None:
+        chosen = _EAGER_NATIVE[key] = _FORWARD.select(weight.device, weight.dtype).backend == "native"
+    return chosen
 
 
 def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
