@@ -27,7 +27,8 @@ Layers: kernels in ``csrc/cpu/spectral_norm.cpp``, ``csrc/cuda/spectral_norm.cu`
 ``triton_kernels/spectral_norm.py``; here the ``torch.library`` ops ``fastdl::spectral_normalize`` and
 ``fastdl::spectral_normalize_backward`` (fake kernels and autograd included, so
 ``torch.compile(fullgraph=True)`` keeps them whole), backend selection, the functional and the
-parametrization.
+parametrization. Eager calls on the native CPU backend take a shortcut around the custom op's Python
+overhead, ``fastdl::spectral_norm_step`` (see :func:`_eager_native`).
 
 Autograd saves W (the parameter, alive anyway, so this costs no memory), the updated u and v and the
 0-dim σ: exactly what the gradient formula reads. σ is saved rather than rebuilt because rebuilding it
@@ -145,15 +146,13 @@ def _(grad_output, weight, u, v, sigma, dim):
     return torch.empty_like(weight, memory_format=preserved_format(weight))
 
 
-def _save_for_backward(ctx, weight: Tensor, dim: int, u: Tensor, v: Tensor, sigma: Tensor) -> None:
+def _setup_context(ctx, inputs, output) -> None:
+    weight, dim = inputs[0], inputs[3]
+    _, u, v, sigma = output
     # u and v are constants of the gradient (as in torch), σ is a by-product: none is differentiable.
     ctx.mark_non_differentiable(u, v, sigma)
     ctx.save_for_backward(weight, u, v, sigma)  # what ∂L/∂W reads (module docstring says why σ too)
     ctx.dim = dim
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    _save_for_backward(ctx, inputs[0], inputs[3], *output[1:])
 
 
 def _backward(ctx, grad_output: Tensor, *_):
