@@ -257,15 +257,22 @@ def _spectral(model, apply):
     return model
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(compiler):
     torch.manual_seed(0)
     theirs = _spectral(_discriminator(), torch_spectral_norm)
     ours = _spectral(_discriminator(), spectral_norm)
     ours.load_state_dict(theirs.state_dict())
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 16, 16)
     for _ in range(2):
-        torch.testing.assert_close(compiled(x), theirs(x), rtol=1e-5, atol=1e-6)
+        actual, expected = compiled(x), theirs(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        actual_grads = torch.autograd.grad(actual.sum(), list(ours.parameters()))
+        expected_grads = torch.autograd.grad(expected.sum(), list(theirs.parameters()))
+        for a, e in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+    # The buffers were updated in place under compilation too.
     torch.testing.assert_close(ours.state_dict()["0.parametrizations.weight.0._u"],
                                theirs.state_dict()["0.parametrizations.weight.0._u"], rtol=1e-5, atol=1e-6)
 
