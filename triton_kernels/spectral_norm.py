@@ -28,26 +28,25 @@ _BLOCK = 1024
 
 @triton.jit
 def _row_block_pass(w_ptr, v_ptr, s_ptr, partial_ptr, rows, cols,
-                    WITH_TRANSPOSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    WITH_TRANSPOSE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     block = tl.program_id(0)
     r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = r < rows
     row_offsets = r.to(tl.int64) * cols
-    acc_type = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
-    s = tl.zeros([BLOCK_R], dtype=acc_type)
+    s = tl.zeros([BLOCK_R], dtype=ACC)
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         col_mask = c < cols
         w = tl.load(w_ptr + row_offsets[:, None] + c[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         v = tl.load(v_ptr + c, mask=col_mask, other=0.0)
-        s += tl.sum(w.to(acc_type) * v.to(acc_type)[None, :], axis=1)
+        s += tl.sum(w.to(ACC) * v.to(ACC)[None, :], axis=1)
     tl.store(s_ptr + r, s, mask=row_mask)
     if WITH_TRANSPOSE:
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             col_mask = c < cols
             w = tl.load(w_ptr + row_offsets[:, None] + c[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            t = tl.sum(w.to(acc_type) * s[:, None], axis=0)
+            t = tl.sum(w.to(ACC) * s[:, None], axis=0)
             tl.store(partial_ptr + block.to(tl.int64) * cols + c, t, mask=col_mask)
 
 
@@ -95,12 +94,12 @@ def _normalize(s_ptr, partial_ptr, u_ptr, v_ptr, sigma_ptr, rows, cols, blocks, 
 
 
 @triton.jit
-def _scale(w_ptr, out_ptr, sigma_ptr, n, BLOCK: tl.constexpr):
+def _scale(w_ptr, out_ptr, sigma_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     # σ rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
-    sigma = tl.load(sigma_ptr).to(w_ptr.dtype.element_ty).to(tl.float32 if w_ptr.dtype.element_ty != tl.float64 else tl.float64)
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    sigma = tl.load(sigma_ptr).to(w_ptr.dtype.element_ty).to(ACC)
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptr + offsets, (w / sigma).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,6 +139,10 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _triton_accumulation(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
                           eps: float, training: bool):
     matrix = weight.movedim(dim, 0).contiguous()
@@ -153,13 +156,15 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     partial = torch.empty(blocks, max(cols, 1), device=weight.device, dtype=acc)
     for _ in range(n_power_iterations if training else 1):
         _row_block_pass[(blocks,)](matrix, v_out, s, partial, rows, cols,
-                                   WITH_TRANSPOSE=training, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+                                   WITH_TRANSPOSE=training, ACC=_triton_accumulation(weight.dtype),
+                                   BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
         _normalize[(1,)](s, partial, u_out, v_out, sigma, rows, cols, blocks, eps, TRAINING=training, BLOCK=_BLOCK)
     # W / σ elementwise over storage: channels_last weights stay channels_last, as with torch's W / σ.
     source = in_format(weight, weight)
     weight_sn = torch.empty_like(source)
     if weight.numel():
-        _scale[(triton.cdiv(weight.numel(), _BLOCK),)](source, weight_sn, sigma, weight.numel(), BLOCK=_BLOCK)
+        _scale[(triton.cdiv(weight.numel(), _BLOCK),)](source, weight_sn, sigma, weight.numel(),
+                                                       ACC=_triton_accumulation(weight.dtype), BLOCK=_BLOCK)
     return weight_sn, u_out, v_out, sigma
 
 
