@@ -2,6 +2,7 @@
 from .attention import MultiheadAttention, scaled_dot_product_attention
 from .causal_conv import CausalConv1d, CausalConvState, causal_conv1d, causal_conv1d_step
 from .lrn import LocalResponseNorm, local_response_norm
+from .spectral_norm import spectral_norm, spectral_normalize
 
 __all__ = [
     "CausalConv1d",
@@ -12,4 +13,6 @@ __all__ = [
     "causal_conv1d_step",
     "local_response_norm",
     "scaled_dot_product_attention",
+    "spectral_norm",
+    "spectral_normalize",
 ]

@@ -1,0 +1,448 @@
+// Spectral normalization (SN-GAN / WGAN discriminators), CPU kernels.
+//
+// W is seen as a row-major matrix: its dimension `dim` gives the H rows, the other dimensions, in
+// order, the C columns. With normalize(x) = x / max(‖x‖, ε), a training step runs n power iterations
+//   u ← normalize(W v),  v ← normalize(Wᵀ u)
+// (eval mode keeps u and v), then σ = uᵀ W v and W_SN = W / σ. Backward (G = ∂L/∂W_SN, u and v held
+// constant as torch does): ∂L/∂W = G / σ − (⟨G, W⟩ / σ²) · u vᵀ.
+//
+// Passes over W, the only large operand (torch's parametrization reads W four times for n = 1):
+// * One per iteration. While row w_h is in cache, s_h = w_h · v and Wᵀs += s_h w_h; then
+//   u = s / max(‖s‖, ε) and Wᵀu = Wᵀs / max(‖s‖, ε), so W v and Wᵀ u cost a single read of W.
+// * None for σ after an iteration: v = t / max(‖t‖, ε) with t = Wᵀu, so σ = uᵀ W v = ‖t‖² / max(‖t‖, ε).
+//   (Eval mode has no iteration, so there σ = Σ_h u_h (w_h · v) is one read.)
+// * One read + one write for W / σ.
+// Backward is two passes: ⟨G, W⟩, then G / σ − c u_h v_col, which needs no W.
+//
+// Parallelism and determinism: rows are cut into a number of blocks that depends only on the shape
+// (never on the thread count); each block accumulates its own partial Wᵀs, and the partials are added
+// in block order. Dot products keep a vector of independent partial sums: GCC may not reassociate a float
+// reduction (no -ffast-math), but it vectorizes independent lanes, and the lanes are added in a fixed
+// order. The same input thus gives bit-identical results run to run, whatever the threads.
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fastdl {
+namespace cpu {
+namespace {
+
+constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
+constexpr int64_t kBlockElements = 1 << 18; // W elements per parallel block: W up to 1 MiB stays on one thread
+constexpr int64_t kMaxBlocks = 16;
+constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
+constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
+constexpr int64_t kGrain = 1 << 18;         // elements per thread below which elementwise work stays serial
+
+// A 64-byte vector of scalars (GCC vector extension): one zmm on AVX-512, split into ymm/xmm registers
+// by the AVX2 and baseline clones. Named accumulator vectors stay in registers, where a scalar lanes[]
+// array spilled to the stack on every iteration.
+// (GCC drops vector_size on a dependent type in an alias template, hence one typedef per scalar type.)
+template <typename scalar_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename scalar_t>
+using Vec = typename VecOf<scalar_t>::type;
+
+template <typename scalar_t>
+FASTDL_INLINE Vec<scalar_t> load(const scalar_t* p) {
+  Vec<scalar_t> value;
+  std::memcpy(&value, p, sizeof(value));  // an unaligned vector load
+  return value;
+}
+
+template <typename scalar_t>
+FASTDL_INLINE scalar_t lane_sum(Vec<scalar_t> x) {
+  scalar_t sum = 0;
+  for (size_t l = 0; l < sizeof(x) / sizeof(scalar_t); ++l) sum += x[l];
+  return sum;
+}
+
+// dots[r] = w_r · v for the R (1 or 4) rows starting at w (row stride `cols`). Each row keeps a vector
+// of partial sums (a vectorized reduction GCC may not make itself without -ffast-math), added in a
+// fixed order at the end: deterministic.
+template <typename scalar_t, int R>
+FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* dots) {
+  static_assert(R == 1 || R == 4);
+  constexpr int64_t kLanes = sizeof(Vec<scalar_t>) / sizeof(scalar_t);
+  Vec<scalar_t> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  const int64_t body = cols - cols % kLanes;
+  for (int64_t c = 0; c < body; c += kLanes) {
+    const Vec<scalar_t> x = load(v + c);
+    acc0 += load(w + c) * x;
+    if constexpr (R == 4) {
+      acc1 += load(w + cols + c) * x;
+      acc2 += load(w + 2 * cols + c) * x;
+      acc3 += load(w + 3 * cols + c) * x;
+    }
+  }
+  const Vec<scalar_t> accs[4] = {acc0, acc1, acc2, acc3};
+  for (int r = 0; r < R; ++r) {
+    scalar_t dot = lane_sum<scalar_t>(accs[r]);
+    for (int64_t c = body; c < cols; ++c) dot += w[r * cols + c] * v[c];
+    dots[r] = dot;
+  }
+}
+
+// s[r] = w_r · v and t += Σ_r s[r] w_r for the R rows starting at w: both halves of a power iteration
+// while the rows are in cache.
+template <typename scalar_t, int R>
+FASTDL_INLINE void fused_rows(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* s, scalar_t* t) {
+  scalar_t dots[R];
+  row_dots<scalar_t, R>(w, cols, v, dots);
+  for (int r = 0; r < R; ++r) s[r] = dots[r];
+  for (int64_t c = 0; c < cols; ++c) {
+    scalar_t sum = t[c];
+    for (int r = 0; r < R; ++r) sum += dots[r] * w[r * cols + c];
+    t[c] = sum;
+  }
+}
+
+// Rows [begin, end) of W: s_h = w_h · v, and t = Σ_h s_h w_h (t overwritten).
+template <typename scalar_t>
+FASTDL_CPU_CLONES void power_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* v,
+                                  scalar_t* s, scalar_t* t) {
+  std::fill(t, t + cols, scalar_t(0));
+  int64_t h = begin;
+  for (; h + kRowsPerStep <= end; h += kRowsPerStep)
+    fused_rows<scalar_t, kRowsPerStep>(W + h * cols, cols, v, s + h, t);
+  for (; h < end; ++h) fused_rows<scalar_t, 1>(W + h * cols, cols, v, s + h, t);
+}
+
+// Σ_{h ∈ [begin, end)} u_h (w_h · v), in double.
+template <typename scalar_t>
+FASTDL_CPU_CLONES double bilinear_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* u,
+                                       const scalar_t* v) {
+  double sum = 0;
+  int64_t h = begin;
+  scalar_t dots[kRowsPerStep];
+  for (; h + kRowsPerStep <= end; h += kRowsPerStep) {
+    row_dots<scalar_t, kRowsPerStep>(W + h * cols, cols, v, dots);
+    for (int r = 0; r < kRowsPerStep; ++r) sum += static_cast<double>(u[h + r]) * dots[r];
+  }
+  for (; h < end; ++h) {
+    row_dots<scalar_t, 1>(W + h * cols, cols, v, dots);
+    sum += static_cast<double>(u[h]) * dots[0];
+  }
+  return sum;
+}
+
+template <typename scalar_t>
+FASTDL_CPU_CLONES void add_into(scalar_t* target, const scalar_t* source, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) target[i] += source[i];
+}
+
+// y = x · (1/σ): a multiply by the reciprocal, within an ulp of x / σ; a vector divide costs several
+// times a multiply and made this pass compute-bound.
+template <typename scalar_t>
+FASTDL_CPU_CLONES void scale(const scalar_t* x, scalar_t factor, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * factor;
+}
+
+// The same for a W / σ larger than the caches, with non-temporal stores: a plain store first reads
+// the destination line into cache, so W / σ would cost read W + read and write W / σ; streaming
+// stores skip that read, a third of the pass's memory traffic. (SSE2: every x86-64 target has it.)
+FASTDL_INLINE bool scale_streaming(const float* x, float factor, float* y, int64_t n) {
+#if defined(__x86_64__)
+  if (reinterpret_cast<uintptr_t>(y) % 16 != 0) return false;
+  const __m128 f = _mm_set1_ps(factor);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(y + i, _mm_mul_ps(_mm_loadu_ps(x + i), f));
+  for (; i < n; ++i) y[i] = x[i] * factor;
+  _mm_sfence();
+  return true;
+#else
+  return false;
+#endif
+}
+
+FASTDL_INLINE bool scale_streaming(const double* x, double factor, double* y, int64_t n) {
+#if defined(__x86_64__)
+  if (reinterpret_cast<uintptr_t>(y) % 16 != 0) return false;
+  const __m128d f = _mm_set1_pd(factor);
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) _mm_stream_pd(y + i, _mm_mul_pd(_mm_loadu_pd(x + i), f));
+  for (; i < n; ++i) y[i] = x[i] * factor;
+  _mm_sfence();
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ∂L/∂W on one row segment W[a, h, 0..B): g · (1/σ) − (c u_h) · v[a·B + b].
+template <typename scalar_t>
+FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t inverse_sigma, scalar_t coefficient_u,
+                                        const scalar_t* v, scalar_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] * inverse_sigma - coefficient_u * v[i];
+}
+
+// ‖x‖², vectorized: a vector of partial sums per chunk of kNormChunk elements (a chunk bounds the
+// rounding of the partial sums), the chunks added in double. A plain double loop is one dependent add
+// per element, which dominated whole steps for vectors as long as the d-linear weight's 8192 columns.
+constexpr int64_t kNormChunk = 1024;
+
+template <typename scalar_t>
+FASTDL_CPU_CLONES double squared_norm(const scalar_t* x, int64_t n) {
+  constexpr int64_t kLanes = sizeof(Vec<scalar_t>) / sizeof(scalar_t);
+  double total = 0;
+  int64_t i = 0;
+  while (i + kLanes <= n) {
+    const int64_t chunk_end = i + std::min(kNormChunk, (n - i) / kLanes * kLanes);
+    Vec<scalar_t> acc = {};
+    for (; i < chunk_end; i += kLanes) {
+      const Vec<scalar_t> y = load(x + i);
+      acc += y * y;
+    }
+    total += lane_sum<scalar_t>(acc);
+  }
+  for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  return total;
+}
+
+// How many row blocks W is cut into: a function of the shape only, so results do not depend on threads.
+int64_t row_blocks(int64_t rows, int64_t cols) {
+  const int64_t by_work = rows * cols / kBlockElements;
+  const int64_t by_rows = std::max<int64_t>(1, rows / kRowsPerStep);
+  return std::clamp<int64_t>(by_work, 1, std::min(kMaxBlocks, by_rows));
+}
+
+int64_t block_begin(int64_t block, int64_t blocks, int64_t rows) { return rows * block / blocks; }
+
+// One power iteration: u ← normalize(W v), v ← normalize(Wᵀ u) in place; returns ‖Wᵀu‖.
+template <typename scalar_t>
+double power_iteration(const scalar_t* W, int64_t rows, int64_t cols, double eps, scalar_t* u, scalar_t* v,
+                       std::vector<scalar_t>& partials) {
+  const int64_t blocks = row_blocks(rows, cols);
+  partials.resize(blocks * cols);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      power_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, v, u,
+                 partials.data() + b * cols);
+  });
+  scalar_t* t = partials.data();
+  for (int64_t b = 1; b < blocks; ++b) add_into(t, partials.data() + b * cols, cols);
+  // u holds s = W v here: u = s / max(‖s‖, ε) and Wᵀu = t / max(‖s‖, ε).
+  const scalar_t s_denominator = static_cast<scalar_t>(std::max(std::sqrt(squared_norm(u, rows)), eps));
+  for (int64_t h = 0; h < rows; ++h) u[h] /= s_denominator;
+  for (int64_t c = 0; c < cols; ++c) t[c] /= s_denominator;
+  const double t_norm = std::sqrt(squared_norm(t, cols));
+  const scalar_t t_denominator = static_cast<scalar_t>(std::max(t_norm, eps));
+  for (int64_t c = 0; c < cols; ++c) v[c] = t[c] / t_denominator;
+  return t_norm;
+}
+
+template <typename scalar_t>
+double bilinear(const scalar_t* W, int64_t rows, int64_t cols, const scalar_t* u, const scalar_t* v) {
+  const int64_t blocks = row_blocks(rows, cols);
+  std::vector<double> sums(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      sums[b] = bilinear_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, u, v);
+  });
+  double sum = 0;
+  for (const double partial : sums) sum += partial;
+  return sum;
+}
+
+// ⟨a, b⟩ over n elements, in fixed chunks summed in order (deterministic, whatever the threads).
+template <typename scalar_t>
+double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  const int64_t chunks = (n + kBlockElements - 1) / kBlockElements;
+  std::vector<double> sums(chunks);
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / kBlockElements), [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t begin = chunk * kBlockElements, length = std::min(kBlockElements, n - begin);
+      scalar_t value;
+      row_dots<scalar_t, 1>(a + begin, length, b + begin, &value);
+      sums[chunk] = value;
+    }
+  });
+  double sum = 0;
+  for (const double partial : sums) sum += partial;
+  return sum;
+}
+
+void check_args(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim, const char* name) {
+  TORCH_CHECK(weight.dim() >= 2, name, ": expected a weight of 2 or more dimensions, got ", weight.dim());
+  TORCH_CHECK(dim >= 0 && dim < weight.dim(), name, ": dim must be in [0, ", weight.dim() - 1, "], got ", dim);
+  const int64_t rows = weight.size(dim), cols = rows == 0 ? 0 : weight.numel() / rows;
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == rows, name, ": u must be a vector of length ", rows, ", got shape ",
+              u.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == cols, name, ": v must be a vector of length ", cols, ", got shape ",
+              v.sizes());
+  TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(), name,
+              ": u and v must have the weight's dtype ", weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward(
+    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim, int64_t n_power_iterations,
+    double eps, bool training) {
+  check_args(weight, u, v, dim, "fastdl::spectral_norm_forward");
+  TORCH_CHECK(n_power_iterations > 0, "fastdl::spectral_norm_forward: n_power_iterations must be positive, got ",
+              n_power_iterations);
+  // The matrix view, row-major. No copy for dim 0 (or any dim with only size-1 dims before it).
+  const at::Tensor matrix = dim == 0 ? weight.contiguous() : weight.movedim(dim, 0).contiguous();
+  const int64_t rows = weight.size(dim), cols = rows == 0 ? 0 : weight.numel() / rows;
+  at::Tensor u_out = u.clone(at::MemoryFormat::Contiguous);
+  at::Tensor v_out = v.clone(at::MemoryFormat::Contiguous);
+  // W / σ elementwise over W's own storage when it is dense (keeps channels_last weights as they are).
+  const at::Tensor source = weight.is_non_overlapping_and_dense() ? weight : matrix.movedim(0, dim);
+  at::Tensor weight_sn = at::empty_like(source);
+  double sigma = 0;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fastdl::spectral_norm_forward", [&] {
+    const scalar_t* W = matrix.const_data_ptr<scalar_t>();
+    scalar_t* u_data = u_out.mutable_data_ptr<scalar_t>();
+    scalar_t* v_data = v_out.mutable_data_ptr<scalar_t>();
+    if (training) {
+      std::vector<scalar_t> partials;
+      double t_norm = 0;
+      for (int64_t i = 0; i < n_power_iterations; ++i)
+        t_norm = power_iteration(W, rows, cols, eps, u_data, v_data, partials);
+      sigma = t_norm * t_norm / std::max(t_norm, eps);
+    } else {
+      sigma = bilinear(W, rows, cols, u_data, v_data);
+    }
+    // σ is rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
+    const scalar_t factor = static_cast<scalar_t>(1.0 / static_cast<scalar_t>(sigma));
+    const scalar_t* x = source.const_data_ptr<scalar_t>();
+    scalar_t* y = weight_sn.mutable_data_ptr<scalar_t>();
+    // Back to front: the power iteration just streamed W front to back, so its tail is still in cache.
+    // An output that fits in cache stays there for the layer that reads it next; a larger one streams.
+    const bool streaming = weight.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamingBytes;
+    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t stop = end; stop > begin; stop -= kScaleChunk) {
+        const int64_t start = std::max(begin, stop - kScaleChunk);
+        if (!(streaming && scale_streaming(x + start, factor, y + start, stop - start)))
+          scale(x + start, factor, y + start, stop - start);
+      }
+    });
+  });
+  return {weight_sn, u_out, v_out, at::scalar_tensor(sigma, weight.options())};
+}
+
+at::Tensor spectral_norm_backward(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& u,
+                                  const at::Tensor& v, const at::Tensor& sigma, int64_t dim) {
+  check_args(weight, u, v, dim, "fastdl::spectral_norm_backward");
+  TORCH_CHECK(grad_output.sizes() == weight.sizes(), "fastdl::spectral_norm_backward: grad_output has shape ",
+              grad_output.sizes(), " but weight has shape ", weight.sizes());
+  TORCH_CHECK(sigma.numel() == 1, "fastdl::spectral_norm_backward: sigma must have one element, got ", sigma.numel());
+  const at::Tensor g = grad_output.contiguous(), w = weight.contiguous();
+  const at::Tensor u_c = u.contiguous(), v_c = v.contiguous();
+  at::Tensor grad_weight = at::empty_like(w);
+  // W as (A, H, B): A = the dims before `dim`, H = its size, B = the dims after; column = a·B + b.
+  const int64_t rows = weight.size(dim);
+  int64_t before = 1;
+  for (int64_t d = 0; d < dim; ++d) before *= weight.size(d);
+  const int64_t after = rows * before == 0 ? 0 : weight.numel() / (rows * before);
+  const double sigma_value = sigma.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fastdl::spectral_norm_backward", [&] {
+    const scalar_t* g_data = g.const_data_ptr<scalar_t>();
+    const scalar_t* u_data = u_c.const_data_ptr<scalar_t>();
+    const scalar_t* v_data = v_c.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
+    const double coefficient = dot(g_data, w.const_data_ptr<scalar_t>(), weight.numel()) / (sigma_value * sigma_value);
+    const scalar_t inverse_sigma = static_cast<scalar_t>(1.0 / sigma_value);
+    at::parallel_for(0, before * rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, after)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t segment = begin; segment < end; ++segment) {
+                         const int64_t a = segment / rows, h = segment % rows;
+                         gradient_segment(g_data + segment * after, inverse_sigma,
+                                          static_cast<scalar_t>(coefficient * u_data[h]), v_data + a * after,
+                                          out + segment * after, after);
+                       }
+                     });
+  });
+  return grad_weight;
+}
+
+// A whole spectral-norm step for eager mode: u and v (the parametrization's buffers) updated in place,
+// W / σ returned, its autograd node made here. It exists for speed: for SN-GAN-sized weights, the Python
+// custom-op machinery around fastdl::spectral_normalize costs several times the kernels themselves,
+// while this C++ node costs about a microsecond. Traced code (torch.compile, export) uses the custom op.
+class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, at::Tensor u,
+                            at::Tensor v, int64_t dim, int64_t n_power_iterations, double eps, bool training) {
+    auto [weight_sn, new_u, new_v, sigma] = spectral_norm_forward(weight, u, v, dim, n_power_iterations, eps, training);
+    if (training) {
+      u.copy_(new_u);
+      v.copy_(new_v);
+    }
+    // The step's own u and v, not the buffers: a later step may overwrite the buffers before backward
+    // (D(real) and D(fake) in one GAN loss), as torch's clones guard against too.
+    ctx->save_for_backward({weight, new_u, new_v, sigma});
+    ctx->saved_data["dim"] = dim;
+    return weight_sn;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_weight =
+        spectral_norm_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], ctx->saved_data["dim"].toInt());
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor spectral_norm_step_autograd(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
+                                       int64_t n_power_iterations, double eps, bool training) {
+  return SpectralNormStep::apply(weight, u, v, dim, n_power_iterations, eps, training);
+}
+
+// Below autograd (inference mode): the same step without the node.
+at::Tensor spectral_norm_step(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
+                              int64_t n_power_iterations, double eps, bool training) {
+  auto [weight_sn, new_u, new_v, sigma] = spectral_norm_forward(weight, u, v, dim, n_power_iterations, eps, training);
+  if (training) {
+    u.copy_(new_u);
+    v.copy_(new_v);
+  }
+  return weight_sn;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastdl
+
+TORCH_LIBRARY_FRAGMENT(fastdl, m) {
+  m.def(
+      "spectral_norm_forward(Tensor weight, Tensor u, Tensor v, int dim, int n_power_iterations, float eps, "
+      "bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "spectral_norm_backward(Tensor grad_output, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> "
+      "Tensor");
+  m.def(
+      "spectral_norm_step(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+      "bool training) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("spectral_norm_forward", &fastdl::cpu::spectral_norm_forward);
+  m.impl("spectral_norm_backward", &fastdl::cpu::spectral_norm_backward);
+  m.impl("spectral_norm_step", &fastdl::cpu::spectral_norm_step);
+}
+
+TORCH_LIBRARY_IMPL(fastdl, AutogradCPU, m) {
+  m.impl("spectral_norm_step", &fastdl::cpu::spectral_norm_step_autograd);
+}
