@@ -172,3 +172,22 @@ class OpKernels:
             f"{self.op}: backend {requested!r} cannot run this call on {device.type} {str(dtype).removeprefix('torch.')} "
             f"tensors. Per backend: {report}"
         )
+
+
+CPU_NATIVE_DTYPES = frozenset({torch.float32, torch.float64})  # fp64 serves gradcheck and oracles
+GPU_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+TRITON_CPU_DTYPES = frozenset({torch.float32})  # the interpreter (tests): fp32 is what we exercise
+
+
+def standard_kernels(op: str, native: Callable, triton: Callable, reference: Callable, *,
+                     limits: Callable[..., str | None] | None = None,
+                     auto_order: Mapping[str, Sequence[str]] | None = None) -> OpKernels:
+    """The kernel table most op entry points have: ``native`` on CPU (fp32, fp64) and CUDA (fp32, fp16,
+    bf16), ``triton`` on CUDA (and fp32 CPU tensors under the interpreter), ``reference`` everywhere.
+    ``limits`` applies to the native and Triton kernels alike."""
+    kernels = [
+        Kernel("native", native, {"cpu": CPU_NATIVE_DTYPES, "cuda": GPU_DTYPES}, limits),
+        Kernel("triton", triton, {"cuda": GPU_DTYPES, "cpu": TRITON_CPU_DTYPES}, limits),
+        Kernel("reference", reference, {}),
+    ]
+    return OpKernels(op, kernels) if auto_order is None else OpKernels(op, kernels, auto_order)

@@ -36,12 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backends import Kernel, OpKernels
+from .._backends import standard_kernels
 
 __all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
 
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _MASK32 = 0xFFFFFFFF
 
 
@@ -191,21 +189,10 @@ def _triton_backward(*args):
     return attention_backward(*args)
 
 
-def _kernels(op: str, native, triton, reference) -> OpKernels:
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}, limits=_head_dim_limit),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}, limits=_head_dim_limit),
-            Kernel("reference", reference, {}),
-        ],
-    )
-
-
-_FORWARD = _kernels("fastdl.scaled_dot_product_attention", _native_forward, _triton_forward, _reference_forward)
-_BACKWARD = _kernels("fastdl.scaled_dot_product_attention (backward)", _native_backward, _triton_backward,
-                     _reference_backward)
+_FORWARD = standard_kernels("fastdl.scaled_dot_product_attention", _native_forward, _triton_forward,
+                            _reference_forward, limits=_head_dim_limit)
+_BACKWARD = standard_kernels("fastdl.scaled_dot_product_attention (backward)", _native_backward, _triton_backward,
+                             _reference_backward, limits=_head_dim_limit)
 
 
 @torch.library.custom_op("fastdl::attention_forward", mutates_args=())

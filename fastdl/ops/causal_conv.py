@@ -40,12 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backends import Kernel, OpKernels
+from .._backends import standard_kernels
 
 __all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
-
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 class CausalConvState(NamedTuple):
@@ -126,21 +123,9 @@ def _triton_step(input, buffer, position, weight, bias, dilation, groups):
     return causal_conv_step(input, buffer, position, weight, bias, dilation, groups)
 
 
-def _kernels(op: str, native, triton, reference) -> OpKernels:
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}),
-            Kernel("reference", reference, {}),
-        ],
-    )
-
-
-_FORWARD = _kernels("fastdl.causal_conv1d", _native_forward, _triton_forward, _reference_forward)
-_BACKWARD = _kernels("fastdl.causal_conv1d (backward)", _native_backward, _triton_backward, _reference_backward)
-_STEP = _kernels("fastdl.causal_conv1d_step", _native_step, _triton_step, _reference_step)
+_FORWARD = standard_kernels("fastdl.causal_conv1d", _native_forward, _triton_forward, _reference_forward)
+_BACKWARD = standard_kernels("fastdl.causal_conv1d (backward)", _native_backward, _triton_backward, _reference_backward)
+_STEP = standard_kernels("fastdl.causal_conv1d_step", _native_step, _triton_step, _reference_step)
 
 
 # ------------------------------------------------------------------------------------------- custom ops

@@ -25,13 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backends import Kernel, OpKernels
+from .._backends import standard_kernels
 from .._layout import in_format, preserved_format
 
 __all__ = ["LocalResponseNorm", "local_response_norm"]
-
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 def _channel_window_sum(values: Tensor, before: int, after: int) -> Tensor:
@@ -72,20 +69,8 @@ def _triton_backward(grad: Tensor, input: Tensor, size: int, alpha: float, beta:
     return lrn_backward(grad, input, size, alpha, beta, k)
 
 
-def _kernels(op: str, native, triton, reference) -> OpKernels:
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}),
-            Kernel("reference", reference, {}),
-        ],
-    )
-
-
-_FORWARD = _kernels("fastdl.local_response_norm", _native_forward, _triton_forward, _reference_forward)
-_BACKWARD = _kernels("fastdl.local_response_norm (backward)", _native_backward, _triton_backward, _reference_backward)
+_FORWARD = standard_kernels("fastdl.local_response_norm", _native_forward, _triton_forward, _reference_forward)
+_BACKWARD = standard_kernels("fastdl.local_response_norm (backward)", _native_backward, _triton_backward, _reference_backward)
 
 
 @torch.library.custom_op("fastdl::local_response_norm", mutates_args=())

@@ -41,13 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from .._backends import Kernel, OpKernels, get_backend
+from .._backends import get_backend, standard_kernels
 from .._layout import in_format, preserved_format
 
 __all__ = ["spectral_norm", "spectral_normalize"]
-
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,20 +102,8 @@ def _triton_backward(grad, weight, u, v, sigma, dim):
     return spectral_norm_backward(grad, weight, u, v, sigma, dim)
 
 
-def _kernels(op: str, native, triton, reference) -> OpKernels:
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}),
-            Kernel("reference", reference, {}),
-        ],
-    )
-
-
-_FORWARD = _kernels("fastdl.spectral_normalize", _native_forward, _triton_forward, _reference_forward)
-_BACKWARD = _kernels("fastdl.spectral_normalize (backward)", _native_backward, _triton_backward, _reference_backward)
+_FORWARD = standard_kernels("fastdl.spectral_normalize", _native_forward, _triton_forward, _reference_forward)
+_BACKWARD = standard_kernels("fastdl.spectral_normalize (backward)", _native_backward, _triton_backward, _reference_backward)
 
 
 @torch.library.custom_op("fastdl::spectral_normalize", mutates_args=())
