@@ -11,10 +11,10 @@
 // ReLU mask is the a = −1 case); it is built in one pass and handed to ATen's convolution_backward.
 // ∂L/∂b = Σ_{n, oh, ow: a ≥ 0} g.
 //
-// Why channels-last: oneDNN's convolution is much faster on NHWC here than on NCHW (AlexNet conv1 takes
-// about half the time), and in NHWC every pooling step is a contiguous sweep over the channels, which
-// vectorizes without gathers. NCHW callers get their pooled result back in NCHW: a conversion of the
-// pooled tensor only, about a quarter of z's size for both 2/2 and 3/2 pooling.
+// Why channels-last for z: oneDNN's convolution is much faster on NHWC here than on NCHW (AlexNet conv1
+// takes about half the time), and in NHWC every pooling step is a contiguous sweep over the channels,
+// which vectorizes without gathers. The pooled tensors (y, argmax, and ∂L/∂y in backward) are read and
+// written in the caller's layout through their strides, so NCHW callers pay no conversion pass for them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,21 +57,33 @@ FASTDL_CPU_CLONES void max_step(const scalar_t* __restrict z, scalar_t* __restri
   }
 }
 
+// Pooled tensors (y, argmax, grad_output) are read and written through their strides, so that they are
+// produced and consumed directly in the caller's layout (NCHW or channels-last): converting them would
+// cost a pass of its own, and on a shared 2-core machine every extra parallel ATen op also pays a thread
+// wake-up that can exceed the op itself.
+struct Strides {
+  int64_t n, c, h, w;
+  int64_t at(int64_t n_, int64_t h_, int64_t w_) const { return n_ * n + h_ * h + w_ * w; }
+};
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
 template <typename scalar_t, typename index_t>
 FASTDL_CPU_CLONES void finish_window(const scalar_t* __restrict best, const scalar_t* __restrict offset,
                                      const scalar_t* __restrict bias, scalar_t* __restrict y, index_t* __restrict a,
-                                     int64_t channels) {
+                                     int64_t channel_stride, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t value = best[c] + bias[c];
     const bool clipped = value <= 0;  // false for NaN, which passes through ReLU
-    y[c] = clipped ? scalar_t(0) : value;
-    a[c] = clipped ? index_t(-1) : static_cast<index_t>(offset[c]);
+    y[c * channel_stride] = clipped ? scalar_t(0) : value;
+    a[c * channel_stride] = clipped ? index_t(-1) : static_cast<index_t>(offset[c]);
   }
 }
 
-// z, y, a: channels-last (n, h, w, c) dense.
+// z: channels-last (n, h, w, c) dense; y and a: any layout, both with strides `out`.
 template <typename scalar_t, typename index_t>
-void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bias, scalar_t* y, index_t* a) {
+void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bias, scalar_t* y, index_t* a,
+                    Strides out) {
   const int64_t C = g.channels;
   at::parallel_for(0, g.batch * g.out_height, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> work(2 * C);
@@ -94,11 +106,26 @@ void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bi
                      static_cast<scalar_t>(i * g.kernel_w + j), C);
           }
         }
-        const int64_t out = ((n * g.out_height + oh) * g.out_width + ow) * C;
-        finish_window(best, offset, bias, y + out, a + out, C);
+        const int64_t at = out.at(n, oh, ow);
+        finish_window(best, offset, bias, y + at, a + at, out.c, C);
       }
     }
   });
+}
+
+// One window's gradient and argmax for a run of channels, copied out of their (possibly strided) layout
+// into contiguous buffers; the bias gradient, Σ over windows of g where a ≥ 0, accumulates on the way.
+template <typename scalar_t, typename index_t>
+FASTDL_CPU_CLONES void load_window(const scalar_t* __restrict grad, int64_t grad_stride, const index_t* __restrict a,
+                                   int64_t a_stride, scalar_t* __restrict grad_out, index_t* __restrict a_out,
+                                   double* __restrict bias_sum, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t g = grad[c * grad_stride];
+    const index_t offset = a[c * a_stride];
+    grad_out[c] = g;
+    a_out[c] = offset;
+    bias_sum[c] += offset >= 0 ? static_cast<double>(g) : 0.0;
+  }
 }
 
 // grad_z[c] += g[c] where this window's argmax is `position`. One vectorized sweep per window position
@@ -109,29 +136,42 @@ FASTDL_CPU_CLONES void route_step(const scalar_t* __restrict grad, const index_t
   for (int64_t c = 0; c < channels; ++c) grad_z[c] += a[c] == position ? grad[c] : scalar_t(0);
 }
 
-// grad_z (zeroed), grad, a: channels-last dense. A task owns one image and a range of channels, so the
-// windows' overlapping writes never race and the sums happen in a fixed order (deterministic).
+// Writes ∂L/∂z (channels-last dense; every element, zeros included) and, when grad_bias is not null,
+// ∂L/∂b. A task owns one image and a run of channels: it zeroes its part of ∂L/∂z, then adds each
+// window's gradient at its argmax, so overlapping windows never race and every sum happens in a fixed
+// order (deterministic). Per-image bias sums are added over images in order at the end.
 template <typename scalar_t, typename index_t>
-void route_grad(const PoolGeometry& g, const scalar_t* grad, const index_t* a, scalar_t* grad_z) {
+void route_grad(const PoolGeometry& g, const scalar_t* grad, Strides grad_strides, const index_t* a,
+                Strides a_strides, scalar_t* grad_z, scalar_t* grad_bias) {
   const int64_t C = g.channels;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((C + 63) / 64, at::get_num_threads() / std::max<int64_t>(1, g.batch)));
+  // Split the channels only as far as needed to give every thread work (runs of at least 16 channels).
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>((threads + g.batch - 1) / g.batch, 1, std::max<int64_t>(1, C / 16));
   const int64_t chunk = (C + chunks - 1) / chunks;
+  std::vector<double> bias_sums(g.batch * C, 0.0);
   at::parallel_for(0, g.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> grad_window(chunk);
+    std::vector<index_t> a_window(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk, width = std::min(chunk, C - c0);
       if (width <= 0) continue;
+      scalar_t* image = grad_z + n * g.height * g.width * C + c0;
+      for (int64_t p = 0; p < g.height * g.width; ++p) std::fill(image + p * C, image + p * C + width, scalar_t(0));
+      double* bias_sum = bias_sums.data() + n * C + c0;
       for (int64_t oh = 0; oh < g.out_height; ++oh) {
         int64_t i0, i1;
         window_range(oh, g.height, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h, i0, i1);
         for (int64_t ow = 0; ow < g.out_width; ++ow) {
           int64_t j0, j1;
           window_range(ow, g.width, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w, j0, j1);
-          const int64_t out = ((n * g.out_height + oh) * g.out_width + ow) * C + c0;
+          load_window(grad + grad_strides.at(n, oh, ow) + c0 * grad_strides.c, grad_strides.c,
+                      a + a_strides.at(n, oh, ow) + c0 * a_strides.c, a_strides.c, grad_window.data(),
+                      a_window.data(), bias_sum, width);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t h = oh * g.stride_h - g.padding_h + i * g.dilation_h;
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t w = ow * g.stride_w - g.padding_w + j * g.dilation_w;
-              route_step(grad + out, a + out, grad_z + ((n * g.height + h) * g.width + w) * C + c0,
+              route_step(grad_window.data(), a_window.data(), image + (h * g.width + w) * C,
                          static_cast<index_t>(i * g.kernel_w + j), width);
             }
           }
@@ -139,6 +179,12 @@ void route_grad(const PoolGeometry& g, const scalar_t* grad, const index_t* a, s
       }
     }
   });
+  if (grad_bias == nullptr) return;
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0;
+    for (int64_t n = 0; n < g.batch; ++n) sum += bias_sums[n * C + c];
+    grad_bias[c] = static_cast<scalar_t>(sum);
+  }
 }
 
 int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, bool ceil_mode) {
@@ -195,76 +241,100 @@ at::MemoryFormat format_of(const at::Tensor& input) {
   return !input.is_contiguous() && input.is_contiguous(kChannelsLast) ? kChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_relu_pool2d_forward(
+// `t` in memory format `format`. Small tensors (weights, their gradients) are copied on the calling
+// thread: ATen's copy would wake the thread pool for them, and that wake-up, not the copy, is what costs
+// (tens of ms per copy on a busy machine; oneDNN would otherwise reorder the weight on every call).
+at::Tensor in_format_small(const at::Tensor& t, at::MemoryFormat format) {
+  constexpr int64_t kSerialLimit = 1 << 20;
+  if (t.is_contiguous(format) || t.numel() > kSerialLimit) return t.contiguous(format);
+  at::Tensor out = at::empty(t.sizes(), t.options(), format);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastdl::in_format_small", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t a = 0; a < t.size(0); ++a)
+      for (int64_t b = 0; b < t.size(1); ++b)
+        for (int64_t c = 0; c < t.size(2); ++c)
+          for (int64_t d = 0; d < t.size(3); ++d)
+            dst[a * out.stride(0) + b * out.stride(1) + c * out.stride(2) + d * out.stride(3)] =
+                src[a * t.stride(0) + b * t.stride(1) + c * t.stride(2) + d * t.stride(3)];
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::IntArrayRef pool_kernel,
     at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, at::IntArrayRef pool_dilation, bool ceil_mode) {
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "fastdl::conv_relu_pool2d: expected 4-D input and weight, got ",
               input.sizes(), " and ", weight.sizes());
-  const at::Tensor z = at::convolution(input.contiguous(kChannelsLast), weight.contiguous(kChannelsLast), std::nullopt,
-                                       stride, padding, dilation, false, {0, 0}, groups)
+  const at::Tensor z = at::convolution(input.contiguous(kChannelsLast), in_format_small(weight, kChannelsLast),
+                                       std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
                            .contiguous(kChannelsLast);
   const PoolGeometry g = geometry_of(z, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
-  const auto shape = std::vector<int64_t>{g.batch, g.channels, g.out_height, g.out_width};
-  at::Tensor y = at::empty(shape, z.options().memory_format(kChannelsLast));
-  at::Tensor a = at::empty(shape, z.options().dtype(argmax_type(pool_kernel)).memory_format(kChannelsLast));
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({g.channels}, z.options());
-  TORCH_CHECK(b.numel() == g.channels, "fastdl::conv_relu_pool2d: bias must have ", g.channels, " values, got ",
-              b.numel());
-  if (y.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastdl::conv_relu_pool2d_forward", [&] {
-      dispatch_argmax(a.scalar_type(), [&](auto index) {
-        using index_t = decltype(index);
-        bias_relu_pool<scalar_t, index_t>(g, z.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                          y.mutable_data_ptr<scalar_t>(), a.mutable_data_ptr<index_t>());
-      });
-    });
-  }
+  const std::vector<int64_t> shape{g.batch, g.channels, g.out_height, g.out_width};
   const auto format = format_of(input);
-  return {y.contiguous(format), a.contiguous(format)};
+  at::Tensor y = at::empty(shape, z.options(), format);
+  at::Tensor a = at::empty(shape, z.options().dtype(argmax_type(pool_kernel)), format);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == g.channels, "fastdl::conv_relu_pool2d: bias must have ",
+              g.channels, " values, got ", bias.has_value() ? bias->numel() : 0);
+  if (y.numel() == 0) return {y, a};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastdl::conv_relu_pool_forward", [&] {
+    std::vector<scalar_t> no_bias;
+    at::Tensor b;
+    if (bias.has_value()) b = bias->contiguous();
+    else no_bias.assign(g.channels, scalar_t(0));
+    const scalar_t* bias_values = b.defined() ? b.const_data_ptr<scalar_t>() : no_bias.data();
+    dispatch_argmax(a.scalar_type(), [&](auto index) {
+      using index_t = decltype(index);
+      bias_relu_pool<scalar_t, index_t>(g, z.const_data_ptr<scalar_t>(), bias_values, y.mutable_data_ptr<scalar_t>(),
+                                        a.mutable_data_ptr<index_t>(), strides_of(y));
+    });
+  });
+  return {y, a};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool2d_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
     const at::Tensor& grad_output, const at::Tensor& argmax, const at::Tensor& input, const at::Tensor& weight,
     bool has_bias, bool input_needs_grad, bool weight_needs_grad, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
     at::IntArrayRef pool_padding, at::IntArrayRef pool_dilation, bool ceil_mode) {
-  TORCH_CHECK(grad_output.sizes() == argmax.sizes(), "fastdl::conv_relu_pool2d_backward: grad_output has shape ",
-              grad_output.sizes(), " but argmax has shape ", argmax.sizes());
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.sizes() == argmax.sizes(),
+              "fastdl::conv_relu_pool2d_backward: grad_output has shape ", grad_output.sizes(),
+              " but argmax has shape ", argmax.sizes());
   TORCH_CHECK(argmax.scalar_type() == argmax_type(pool_kernel), "fastdl::conv_relu_pool2d_backward: argmax must be ",
               argmax_type(pool_kernel), " for this window, got ", argmax.scalar_type());
-  const at::Tensor x = input.contiguous(kChannelsLast), w = weight.contiguous(kChannelsLast);
   int64_t conv_size[2];
   for (int d = 0; d < 2; ++d)
     conv_size[d] = (input.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
-  // (at::zeros would ignore the memory format in the options.)
-  at::Tensor grad_z = at::empty({input.size(0), weight.size(0), conv_size[0], conv_size[1]},
-                                grad_output.options().memory_format(kChannelsLast))
-                          .zero_();
-  const at::Tensor grad = grad_output.contiguous(kChannelsLast), a = argmax.contiguous(kChannelsLast);
+  at::Tensor grad_z = at::empty({input.size(0), weight.size(0), conv_size[0], conv_size[1]}, grad_output.options(),
+                                kChannelsLast);
   const PoolGeometry g = geometry_of(grad_z, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
-  TORCH_CHECK(g.out_height == grad.size(2) && g.out_width == grad.size(3),
-              "fastdl::conv_relu_pool2d_backward: grad_output has shape ", grad.sizes(), ", expected pooled size ",
-              g.out_height, "x", g.out_width);
-  if (grad.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastdl::conv_relu_pool2d_backward", [&] {
-      dispatch_argmax(a.scalar_type(), [&](auto index) {
+  TORCH_CHECK(g.out_height == grad_output.size(2) && g.out_width == grad_output.size(3),
+              "fastdl::conv_relu_pool2d_backward: grad_output has shape ", grad_output.sizes(),
+              ", expected pooled size ", g.out_height, "x", g.out_width);
+  at::Tensor grad_bias = has_bias ? at::empty({g.channels}, grad_output.options()) : weight.new_empty({0});
+  if (grad_z.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "fastdl::conv_relu_pool_backward", [&] {
+      dispatch_argmax(argmax.scalar_type(), [&](auto index) {
         using index_t = decltype(index);
-        route_grad<scalar_t, index_t>(g, grad.const_data_ptr<scalar_t>(), a.const_data_ptr<index_t>(),
-                                      grad_z.mutable_data_ptr<scalar_t>());
+        route_grad<scalar_t, index_t>(g, grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
+                                      argmax.const_data_ptr<index_t>(), strides_of(argmax),
+                                      grad_z.mutable_data_ptr<scalar_t>(),
+                                      has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
       });
     });
+  } else if (has_bias) {
+    grad_bias.zero_();
   }
   at::Tensor grad_input, grad_weight;
   if (input_needs_grad || weight_needs_grad) {
     std::tie(grad_input, grad_weight, std::ignore) =
-        at::convolution_backward(grad_z, x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
+        at::convolution_backward(grad_z, input.contiguous(kChannelsLast), in_format_small(weight, kChannelsLast),
+                                 std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                  {input_needs_grad, weight_needs_grad, false});
   }
   grad_input = input_needs_grad ? grad_input.contiguous(format_of(input)) : input.new_empty({0});
-  grad_weight = weight_needs_grad ? grad_weight.contiguous() : weight.new_empty({0});
-  const at::Tensor grad_bias = has_bias ? at::where(a >= 0, grad, at::zeros({}, grad.options())).sum({0, 2, 3})
-                                        : weight.new_empty({0});
+  grad_weight = weight_needs_grad ? in_format_small(grad_weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -285,6 +355,6 @@ TORCH_LIBRARY_FRAGMENT(fastdl, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
-  m.impl("conv_relu_pool_forward", &fastdl::cpu::conv_relu_pool2d_forward);
-  m.impl("conv_relu_pool_backward", &fastdl::cpu::conv_relu_pool2d_backward);
+  m.impl("conv_relu_pool_forward", &fastdl::cpu::conv_relu_pool_forward);
+  m.impl("conv_relu_pool_backward", &fastdl::cpu::conv_relu_pool_backward);
 }

@@ -234,10 +234,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.params = params
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the integer argmax
 
 
 def _backward(ctx, grad_output: Tensor, _grad_argmax):
     input, weight, argmax = ctx.saved_tensors
+    if grad_output is None:  # only the argmax was used downstream: nothing flows back
+        return (None,) * (3 + len(ctx.params))
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input, grad_weight, grad_bias = _backward_op(grad_output, argmax, input, weight, ctx.has_bias and needs_bias,
                                                       needs_input, needs_weight, *ctx.params)
