@@ -4,7 +4,7 @@ its two groups, conv5) and VGG16 (first and last block).
 
 What each fastdl backend runs: native CPU = oneDNN convolution (channels-last) + one fused C++ pass for
 bias, ReLU, pool and argmax; native CUDA = cuDNN convolution + one fused CUDA epilogue kernel; triton =
-torch (cuDNN) convolution + a fused Triton epilogue kernel. The first layer's input needs no gradient in
+an implicit-GEMM convolution with bias, ReLU and pooling in its epilogue (the conv output is never stored). The first layer's input needs no gradient in
 training (it is the image), so the conv1 forward+backward cases differentiate the parameters only; the
 others differentiate the input too. The notes give what autograd keeps for backward (MB, all saved
 tensors counted once) and, on GPU, the peak memory of the call.
@@ -123,7 +123,7 @@ def bench_conv_relu_pool(bench, impl, layer, batch, training, dtype):
         notes.append(f"peak {_peak_megabytes(fn):.0f} MB")
     if impl in ("native", "triton"):
         notes.append({"native": "cuDNN conv + fused CUDA epilogue" if ON_GPU else "oneDNN conv + fused C++ epilogue",
-                      "triton": "torch conv + fused Triton epilogue"}[impl])
+                      "triton": "implicit-GEMM conv, pool in epilogue"}[impl])
     bench(
         fn,
         op="conv_relu_pool",

@@ -1,20 +1,25 @@
-"""Bias + ReLU + max-pool after a convolution, in Triton (math in ``fastdl/ops/conv_relu_pool.py``).
+"""Conv2d + ReLU + max-pool in Triton (math in ``fastdl/ops/conv_relu_pool.py``).
 
-What is here: the fused EPILOGUE, run after a torch convolution (cuDNN on GPU) of the bias-free conv
-output z, plus its backward; not an implicit-GEMM convolution with the epilogue inside it. So z is
-written once at full resolution by the convolution and read once here; the full-resolution ReLU output
-is never written, and the only thing kept for backward is the int8 window offset of each max.
+Forward: an implicit-GEMM convolution whose epilogue applies the pooling window, the bias and the ReLU,
+so the convolution output z never exists in memory, not even once. One program owns BLOCK_P pooled
+positions (flattened over image, row, column) × BLOCK_C output channels of one group. For each position
+(i, j) of the pooling window (unrolled: a compile-time constant) it computes the conv outputs under that
+window position as a [BLOCK_P, K] × [K, BLOCK_C] product (K = C_in/groups · KH · KW, walked BLOCK_K at a
+time; the input patch is gathered on the fly from x with the conv's stride, padding and dilation, zeros
+outside), and folds it into a running max and its window offset. Then y = max(0, max + bias), offset = −1
+where y ≤ 0, stored as int8/int16/int32. For non-overlapping pooling (2/2: VGG, LeNet) every conv output is
+computed exactly once; for overlapping pooling (3/2: AlexNet, ZFNet) the outputs shared by neighbouring
+windows are recomputed (≈ 9·27²/55² ≈ 2.2× the conv's flops for AlexNet conv1) in exchange for never
+writing or re-reading z. Accumulation is fp32; fp32 inputs use IEEE products (not TF32) so that fp32
+results match PyTorch's. Block sizes are fixed, not autotuned.
 
-Forward: one program owns a tile of BLOCK_P pooled positions (flattened over image, row, column) ×
-BLOCK_C channels, and walks the pooling window (unrolled: its size is a compile-time constant) keeping a
-running max and its offset; then y = max(0, max + bias), offset = −1 where y ≤ 0. For channels-last z,
-the channel axis of the tile is the contiguous one, so every load is coalesced.
-
-Backward: a gather instead of a scatter, so there are no atomics and the result is deterministic. Each
-program owns a tile of full-resolution positions × channels; position h receives, for every window row i
-with (h + pad − i·dil) divisible by the stride, the gradient of pooled row oh = (h + pad − i·dil)/stride
-when that window's argmax is this offset (likewise for columns). Windows overlap at most
-⌈kernel·dil / stride⌉ times per axis, and the unrolled loop visits each candidate once.
+Backward: the pooling's part is a Triton kernel that rebuilds ∂L/∂z from the argmax; the convolution's
+part is ATen's ``convolution_backward`` (cuDNN on GPU). The kernel gathers rather than scatters, so there
+are no atomics and the result is deterministic: each program owns a tile of full-resolution positions ×
+channels; position h receives, for every window row i with (h + pad − i·dil) divisible by the stride, the
+gradient of pooled row oh = (h + pad − i·dil)/stride when that window's argmax is this offset (likewise for
+columns). Windows overlap at most ⌈kernel·dil / stride⌉ times per axis, and the unrolled loop visits each
+candidate once.
 """
 from __future__ import annotations
 
@@ -25,42 +30,67 @@ import triton.language as tl
 
 
 def _blocks(channels: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C). The interpreter (CPU tensors, tests) runs each program's block as numpy arrays:
-    there, few large programs are much faster than many small ones."""
+    """(BLOCK_P, BLOCK_C) of the backward kernel. The interpreter (CPU tensors, tests) runs each program's
+    block as numpy arrays: there, few large programs are much faster than many small ones."""
     block_c = min(64, triton.next_power_of_2(channels))
     return (256 if device.type == "cpu" else 32), block_c
 
 
 @triton.jit
-def _bias_relu_pool_kernel(z_ptr, bias_ptr, y_ptr, a_ptr, channels, height, width, out_height, out_width,
-                           positions, z_sn, z_sc, z_sh, z_sw, y_sn, y_sc, y_sh, y_sw,
-                           STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-                           DIL_H: tl.constexpr, DIL_W: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_relu_pool_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, a_ptr,
+                           in_per_group, out_per_group, height, width, conv_height, conv_width,
+                           out_height, out_width, positions,
+                           x_sn, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw, y_sn, y_sc, y_sh, y_sw,
+                           KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                           PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                           POOL_KH: tl.constexpr, POOL_KW: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
+                           POOL_PH: tl.constexpr, POOL_PW: tl.constexpr, POOL_DH: tl.constexpr, POOL_DW: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    group = tl.program_id(2)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in_group = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = group * out_per_group + c_in_group
     p_ok = p < positions
-    c_ok = c < channels
+    c_ok = c_in_group < out_per_group
     ow = p % out_width
     oh = (p // out_width) % out_height
     n = (p // (out_width * out_height)).to(tl.int64)
-    z_base = n[:, None] * z_sn + c[None, :].to(tl.int64) * z_sc
+    reduction = in_per_group * KH * KW
+    x_image = x_ptr + n * x_sn + (group * in_per_group).to(tl.int64) * x_sc
+    w_rows = w_ptr + c.to(tl.int64) * w_so
     best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
     offset = tl.zeros([BLOCK_P, BLOCK_C], tl.int32)
-    for i in tl.static_range(KERNEL_H):
-        h = oh * STRIDE_H - PAD_H + i * DIL_H
-        for j in tl.static_range(KERNEL_W):
-            w = ow * STRIDE_W - PAD_W + j * DIL_W
-            inside = p_ok & (h >= 0) & (h < height) & (w >= 0) & (w < width)
-            mask = inside[:, None] & c_ok[None, :]
-            v = tl.load(z_ptr + z_base + (h.to(tl.int64) * z_sh + w.to(tl.int64) * z_sw)[:, None], mask=mask,
-                        other=float("-inf")).to(tl.float32)
-            take = (v > best) | (v != v)  # a NaN wins, as in max_pool2d
+    for i in tl.static_range(POOL_KH):
+        zh = oh * POOL_SH - POOL_PH + i * POOL_DH
+        for j in tl.static_range(POOL_KW):
+            zw = ow * POOL_SW - POOL_PW + j * POOL_DW
+            z_ok = p_ok & (zh >= 0) & (zh < conv_height) & (zw >= 0) & (zw < conv_width)
+            acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+            for k0 in range(0, reduction, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < reduction
+                ci = k // (KH * KW)
+                kh = (k // KW) % KH
+                kw = k % KW
+                ih = zh[:, None] * STRIDE_H - PAD_H + kh[None, :] * DIL_H
+                iw = zw[:, None] * STRIDE_W - PAD_W + kw[None, :] * DIL_W
+                x_ok = z_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+                patch = tl.load(x_image[:, None] + ci[None, :].to(tl.int64) * x_sc + ih.to(tl.int64) * x_sh
+                                + iw.to(tl.int64) * x_sw, mask=x_ok, other=0.0)
+                taps = tl.load(w_rows[None, :] + (ci * w_si + kh * w_sh + kw * w_sw).to(tl.int64)[:, None],
+                               mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(patch, taps, input_precision="ieee")
+                else:
+                    acc += tl.dot(patch, taps)
+            v = tl.where(z_ok[:, None], acc, float("-inf"))
+            take = (v > best) | (v != v)
             best = tl.where(take, v, best)
-            offset = tl.where(take, i * KERNEL_W + j, offset)
+            offset = tl.where(take, i * POOL_KW + j, offset)
     if HAS_BIAS:
         best += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    clipped = best <= 0  # false for NaN, which passes through ReLU
+    clipped = best <= 0
     out = (n * y_sn + oh.to(tl.int64) * y_sh + ow.to(tl.int64) * y_sw)[:, None] + c[None, :].to(tl.int64) * y_sc
     mask = p_ok[:, None] & c_ok[None, :]
     tl.store(y_ptr + out, tl.where(clipped, 0.0, best).to(y_ptr.dtype.element_ty), mask=mask)
@@ -104,28 +134,37 @@ def _format(z: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-def bias_relu_pool(z: torch.Tensor, bias: torch.Tensor | None, kernel, stride, padding, dilation, ceil_mode: bool,
+def conv_relu_pool(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+                   groups: int, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode: bool,
                    argmax_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, argmax) from the bias-free conv output z: y = maxpool(relu(z + bias)), argmax = window offset
-    of the max or −1 where y ≤ 0. Outputs keep z's layout (channels-last or contiguous)."""
+    """(y, argmax): y = maxpool(relu(conv2d(input, weight) + bias)), argmax = window offset of the max or
+    −1 where y ≤ 0. Outputs keep the input's layout (channels-last or contiguous)."""
     from ..ops.conv_relu_pool import pooled_size
 
-    z = z.contiguous(memory_format=_format(z))
-    batch, channels, height, width = z.shape
-    out_h = pooled_size(height, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    out_w = pooled_size(width, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
-    y = torch.empty((batch, channels, out_h, out_w), device=z.device, dtype=z.dtype, memory_format=_format(z))
+    x = input.contiguous(memory_format=_format(input))
+    batch, in_channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    conv_h = (height + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    conv_w = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    out_h = pooled_size(conv_h, pool_kernel[0], pool_stride[0], pool_padding[0], pool_dilation[0], ceil_mode)
+    out_w = pooled_size(conv_w, pool_kernel[1], pool_stride[1], pool_padding[1], pool_dilation[1], ceil_mode)
+    y = torch.empty((batch, out_channels, out_h, out_w), device=x.device, dtype=x.dtype, memory_format=_format(x))
     a = torch.empty_like(y, dtype=argmax_dtype)
     positions = batch * out_h * out_w
     if y.numel() == 0:
         return y, a
-    block_p, block_c = _blocks(channels, z.device)
-    grid = (triton.cdiv(positions, block_p), triton.cdiv(channels, block_c))
-    _bias_relu_pool_kernel[grid](
-        z, bias if bias is not None else z, y, a, channels, height, width, out_h, out_w, positions,
-        *z.stride(), *y.stride(), STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], KERNEL_H=kernel[0], KERNEL_W=kernel[1], HAS_BIAS=bias is not None,
-        BLOCK_P=block_p, BLOCK_C=block_c,
+    # The interpreter (CPU tensors, tests) pays per program and per loop step, so it gets bigger blocks.
+    block_p, block_c, block_k = (64, 64, 64) if x.device.type == "cpu" else (64, 64, 32)
+    out_per_group = out_channels // groups
+    grid = (triton.cdiv(positions, block_p), triton.cdiv(out_per_group, block_c), groups)
+    _conv_relu_pool_kernel[grid](
+        x, weight, bias if bias is not None else x, y, a, in_channels // groups, out_per_group, height, width,
+        conv_h, conv_w, out_h, out_w, positions, *x.stride(), *weight.stride(), *y.stride(),
+        KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], POOL_KH=pool_kernel[0], POOL_KW=pool_kernel[1],
+        POOL_SH=pool_stride[0], POOL_SW=pool_stride[1], POOL_PH=pool_padding[0], POOL_PW=pool_padding[1],
+        POOL_DH=pool_dilation[0], POOL_DW=pool_dilation[1], HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
     )
     return y, a
 

@@ -27,8 +27,9 @@ Backends: ``native`` CPU (``csrc/cpu/conv_relu_pool.cpp``) runs the convolution 
 channels-last) and then ONE fused pass for bias + ReLU + pool + argmax that never writes the
 full-resolution ReLU output; ``native`` CUDA (``csrc/cuda/conv_relu_pool.cu``) is a cuDNN convolution
 followed by the same fused pass as one CUDA kernel; ``triton`` (``triton_kernels/conv_relu_pool.py``) is
-a torch convolution followed by a Triton kernel for the fused pass. All three route the backward through
-the compact argmax into ATen's ``convolution_backward``. ``reference`` is plain PyTorch.
+an implicit-GEMM convolution with bias, ReLU and pooling in its epilogue, so z is never stored at all. All
+three route the backward through the compact argmax into ATen's ``convolution_backward``. ``reference`` is
+plain PyTorch.
 """
 from __future__ import annotations
 
@@ -143,12 +144,9 @@ def _native_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, weight:
 
 
 def _triton_forward(input: Tensor, weight: Tensor, bias: Tensor | None, *params) -> tuple[Tensor, Tensor]:
-    from ..triton_kernels.conv_relu_pool import bias_relu_pool
+    from ..triton_kernels.conv_relu_pool import conv_relu_pool
 
-    stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode = params
-    z = F.conv2d(input, weight, None, stride, padding, dilation, groups)
-    return bias_relu_pool(z, bias, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode,
-                          argmax_dtype(pool_kernel))
+    return conv_relu_pool(input, weight, bias, *params, argmax_dtype(params[4]))
 
 
 def _triton_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
