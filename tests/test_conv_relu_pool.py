@@ -140,6 +140,18 @@ def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
 
 
 @pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_empty_batch(backend, device, dtype, use_backend):
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    with use_backend(backend, device):
+        y = conv_relu_pool2d(x, w, b, pool_kernel_size=2)
+        y.sum().backward()
+    assert y.shape == (0, 4, 3, 3) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
 def test_deterministic(backend, device, dtype, use_backend):
     x = torch.randn(3, 8, 17, 17, device=device, requires_grad=True)
     w = torch.randn(16, 8, 3, 3, device=device, requires_grad=True)
