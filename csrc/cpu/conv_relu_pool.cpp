@@ -21,6 +21,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -248,15 +249,24 @@ at::Tensor in_format_small(const at::Tensor& t, at::MemoryFormat format) {
   constexpr int64_t kSerialLimit = 1 << 20;
   if (t.is_contiguous(format) || t.numel() > kSerialLimit) return t.contiguous(format);
   at::Tensor out = at::empty(t.sizes(), t.options(), format);
+  // Walk the dimensions in the destination's memory order, so that the writes are sequential.
+  const std::array<int64_t, 4> order = format == kChannelsLast ? std::array<int64_t, 4>{0, 2, 3, 1}
+                                                                : std::array<int64_t, 4>{0, 1, 2, 3};
+  int64_t size[4], from[4], to[4];
+  for (int d = 0; d < 4; ++d) {
+    size[d] = t.size(order[d]);
+    from[d] = t.stride(order[d]);
+    to[d] = out.stride(order[d]);
+  }
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastdl::in_format_small", [&] {
     const scalar_t* src = t.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t a = 0; a < t.size(0); ++a)
-      for (int64_t b = 0; b < t.size(1); ++b)
-        for (int64_t c = 0; c < t.size(2); ++c)
-          for (int64_t d = 0; d < t.size(3); ++d)
-            dst[a * out.stride(0) + b * out.stride(1) + c * out.stride(2) + d * out.stride(3)] =
-                src[a * t.stride(0) + b * t.stride(1) + c * t.stride(2) + d * t.stride(3)];
+    for (int64_t i0 = 0; i0 < size[0]; ++i0)
+      for (int64_t i1 = 0; i1 < size[1]; ++i1)
+        for (int64_t i2 = 0; i2 < size[2]; ++i2)
+          for (int64_t i3 = 0; i3 < size[3]; ++i3)
+            dst[i0 * to[0] + i1 * to[1] + i2 * to[2] + i3 * to[3]] =
+                src[i0 * from[0] + i1 * from[1] + i2 * from[2] + i3 * from[3]];
   });
   return out;
 }

@@ -48,8 +48,10 @@ __all__ = ["ConvReLUPool2d", "conv_relu_pool2d", "fuse_conv_relu_pool"]
 _CPU_NATIVE = frozenset({torch.float32, torch.float64})
 _GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
-# One pooling configuration travels as these eight ints + ceil_mode through every op and kernel.
-_Params = tuple  # (stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode)
+# A block's configuration travels through every op and kernel as this tuple: (stride, padding, dilation,
+# groups, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode), pairs of ints but groups and
+# ceil_mode.
+_Params = tuple
 
 
 def argmax_dtype(pool_kernel: Sequence[int]) -> torch.dtype:
