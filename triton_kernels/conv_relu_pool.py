@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 
-
 def _blocks(channels: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of the backward kernel. The interpreter (CPU tensors, tests) runs each program's
     block as numpy arrays: there, few large programs are much faster than many small ones."""
@@ -84,13 +83,13 @@ def _conv_relu_pool_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, a_ptr,
                     acc += tl.dot(patch, taps, input_precision="ieee")
                 else:
                     acc += tl.dot(patch, taps)
-            v = tl.where(z_ok[:, None], acc, float("-inf"))
-            take = (v > best) | (v != v)
+            v = tl.where(z_ok[:, None], acc, float("-inf"))  # window positions in the pool padding never win
+            take = (v > best) | (v != v)  # a NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
             offset = tl.where(take, i * POOL_KW + j, offset)
     if HAS_BIAS:
         best += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    clipped = best <= 0
+    clipped = best <= 0  # false for NaN, which passes through ReLU
     out = (n * y_sn + oh.to(tl.int64) * y_sh + ow.to(tl.int64) * y_sw)[:, None] + c[None, :].to(tl.int64) * y_sc
     mask = p_ok[:, None] & c_ok[None, :]
     tl.store(y_ptr + out, tl.where(clipped, 0.0, best).to(y_ptr.dtype.element_ty), mask=mask)

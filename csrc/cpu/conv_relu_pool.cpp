@@ -86,7 +86,10 @@ template <typename scalar_t, typename index_t>
 void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bias, scalar_t* y, index_t* a,
                     Strides out) {
   const int64_t C = g.channels;
-  at::parallel_for(0, g.batch * g.out_height, 1, [&](int64_t begin, int64_t end) {
+  // Rows per task: enough window work (~64k compares) to be worth waking a thread for.
+  const int64_t row_work = std::max<int64_t>(1, g.out_width * C * g.kernel_h * g.kernel_w);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / row_work);
+  at::parallel_for(0, g.batch * g.out_height, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> work(2 * C);
     scalar_t* best = work.data();
     scalar_t* offset = work.data() + C;
@@ -242,9 +245,10 @@ at::MemoryFormat format_of(const at::Tensor& input) {
   return !input.is_contiguous() && input.is_contiguous(kChannelsLast) ? kChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// `t` in memory format `format`. Small tensors (weights, their gradients) are copied on the calling
-// thread: ATen's copy would wake the thread pool for them, and that wake-up, not the copy, is what costs
-// (tens of ms per copy on a busy machine; oneDNN would otherwise reorder the weight on every call).
+// `t` in memory format `format`. Small tensors (weights, their gradients, batch-1 activations) are copied
+// on the calling thread: ATen's copy would wake the thread pool for them, and that wake-up, not the copy,
+// is what costs (tens of ms per copy on a busy machine; oneDNN would otherwise reorder the weight on every
+// call).
 at::Tensor in_format_small(const at::Tensor& t, at::MemoryFormat format) {
   constexpr int64_t kSerialLimit = 1 << 20;
   if (t.is_contiguous(format) || t.numel() > kSerialLimit) return t.contiguous(format);
@@ -277,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(
     at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, at::IntArrayRef pool_dilation, bool ceil_mode) {
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "fastdl::conv_relu_pool2d: expected 4-D input and weight, got ",
               input.sizes(), " and ", weight.sizes());
-  const at::Tensor z = at::convolution(input.contiguous(kChannelsLast), in_format_small(weight, kChannelsLast),
+  const at::Tensor z = at::convolution(in_format_small(input, kChannelsLast), in_format_small(weight, kChannelsLast),
                                        std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
                            .contiguous(kChannelsLast);
   const PoolGeometry g = geometry_of(z, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
@@ -339,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
   at::Tensor grad_input, grad_weight;
   if (input_needs_grad || weight_needs_grad) {
     std::tie(grad_input, grad_weight, std::ignore) =
-        at::convolution_backward(grad_z, input.contiguous(kChannelsLast), in_format_small(weight, kChannelsLast),
+        at::convolution_backward(grad_z, in_format_small(input, kChannelsLast), in_format_small(weight, kChannelsLast),
                                  std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                  {input_needs_grad, weight_needs_grad, false});
   }
