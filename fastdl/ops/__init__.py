@@ -1,16 +1,20 @@
 """fastdl's drop-in ops: modules and functionals, each backed by native, Triton and reference kernels."""
 from .attention import MultiheadAttention, scaled_dot_product_attention
 from .causal_conv import CausalConv1d, CausalConvState, causal_conv1d, causal_conv1d_step
+from .conv_relu_pool import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool
 from .lrn import LocalResponseNorm, local_response_norm
 from .spectral_norm import spectral_norm, spectral_normalize
 
 __all__ = [
     "CausalConv1d",
     "CausalConvState",
+    "ConvReLUPool2d",
     "LocalResponseNorm",
     "MultiheadAttention",
     "causal_conv1d",
     "causal_conv1d_step",
+    "conv_relu_pool2d",
+    "fuse_conv_relu_pool",
     "local_response_norm",
     "scaled_dot_product_attention",
     "spectral_norm",
