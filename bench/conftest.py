@@ -166,7 +166,7 @@ def _git_commit() -> str:
 def summary_markdown() -> str:
     devices = sorted({row.device for row in SESSION.rows})
     peaks = ", ".join(
-        f"{kind} {where}{'' if len(key) < 3 else ' ' + str(key[2]).removeprefix('torch.')}: {value:.1f} "
+        f"{kind} {where}{'' if len(key) < 3 else ' ' + str(key[2]).removeprefix('torch.')}: {value:.3g} "
         f"{'GB/s' if kind == 'copy' else 'TFLOP/s'}"
         for key, value in SESSION.peaks.items() for kind, where in [key[:2]]
     )
@@ -184,7 +184,7 @@ def summary_markdown() -> str:
     for r in SESSION.rows:
         lines.append(
             f"| {r.op} | {r.case} | {r.impl} | {r.median_ms:.3f} | {_fmt(r.vs_eager, '.2f')}{'x' if r.vs_eager else ''} | "
-            f"{_fmt(r.gbps, '.1f')} | {_fmt(r.bandwidth_pct, '.0f')} | {_fmt(r.tflops, '.2f')} | {_fmt(r.compute_pct, '.0f')} | {r.notes} |"
+            f"{_fmt(r.gbps, '.3g')} | {_fmt(r.bandwidth_pct, '.0f')} | {_fmt(r.tflops, '.3g')} | {_fmt(r.compute_pct, '.0f')} | {r.notes} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -40,13 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .._backends import Kernel, OpKernels
+from .._backends import standard_kernels
 from .._layout import preserved_format
 
 __all__ = ["ConvReLUPool2d", "conv_relu_pool2d", "fuse_conv_relu_pool"]
-
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 # A block's configuration travels through every op and kernel as this tuple: (stride, padding, dilation,
 # groups, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode), pairs of ints but groups and
@@ -164,20 +161,8 @@ def _triton_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, weight:
                           groups) + (grad_bias,)
 
 
-def _kernels(op: str, native, triton, reference) -> OpKernels:
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}),
-            Kernel("reference", reference, {}),
-        ],
-    )
-
-
-_FORWARD = _kernels("fastdl.conv_relu_pool2d", _native_forward, _triton_forward, _reference_forward)
-_BACKWARD = _kernels("fastdl.conv_relu_pool2d (backward)", _native_backward, _triton_backward, _reference_backward)
+_FORWARD = standard_kernels("fastdl.conv_relu_pool2d", _native_forward, _triton_forward, _reference_forward)
+_BACKWARD = standard_kernels("fastdl.conv_relu_pool2d (backward)", _native_backward, _triton_backward, _reference_backward)
 
 
 # ------------------------------------------------------------------------------------------ torch.library
