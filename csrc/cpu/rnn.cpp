@@ -176,6 +176,15 @@ class Steps {
     if (reverse_) return t == 0 ? 0 : active(t);
     return t + 1 < time_ ? active(t + 1) : 0;
   }
+  // The rows of slice [lo, hi) at step t: [begin, end) run, [begin, continuing) carry state from the
+  // previous step, [continuing, end) start from the initial state, [finishing, end) end here.
+  struct Rows {
+    int64_t begin, continuing, finishing, end;
+  };
+  Rows rows(int64_t t, int64_t lo, int64_t hi) const {
+    const int64_t end = std::clamp(active(t), lo, hi);
+    return {lo, std::clamp(continuing(t), lo, end), std::clamp(first_finishing(t), lo, end), end};
+  }
   // Outputs and saved tensors must be zero where rows are inactive (packed input) and need no fill else.
   at::Tensor allocate(at::IntArrayRef shape, const at::TensorOptions& options) const {
     return packed_ ? at::zeros(shape, options) : at::empty(shape, options);
@@ -188,21 +197,35 @@ class Steps {
   bool packed_ = false;
 };
 
+// Rows of a batch are independent through the whole recurrence, so each thread runs the entire time loop
+// on its own slice of rows: no synchronization per step (barriers per step are what makes a loaded
+// 2-core machine crawl), and the per-step GEMMs run single-threaded inside (nested regions are serial).
+template <typename Fn>
+void for_batch_slices(int64_t batch, Fn&& fn) {
+  constexpr int64_t kMinSliceRows = 4;  // below this a GEMM slice wastes most of its register tile
+  at::parallel_for(0, batch, kMinSliceRows, [&](int64_t lo, int64_t hi) {
+    // Dispatch state is thread-local and worker threads start with autograd on: the ATen calls made
+    // here work on the op's own buffers and must dispatch below autograd, as on the calling thread.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    fn(lo, hi);
+  });
+}
+
 // out[rows] = (previous step's h, or h0 for rows starting now)·Wᵀ (+ bias): the recurrent GEMM of step t.
-void recurrent_gemm(const Steps& steps, int64_t t, const at::Tensor& output, const at::Tensor& h0,
-                    const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  const int64_t continuing = steps.continuing(t), active = steps.active(t);
+void recurrent_gemm(const Steps& steps, int64_t t, const Steps::Rows& rows, const at::Tensor& output,
+                    const at::Tensor& h0, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    at::Tensor& out) {
   const auto gemm = [&](const at::Tensor& h, int64_t begin, int64_t end) {
     if (end <= begin) return;
     at::Tensor target = out.narrow(0, begin, end - begin);
-    const at::Tensor rows = h.narrow(0, begin, end - begin);
+    const at::Tensor operand = h.narrow(0, begin, end - begin);
     if (bias.has_value())
-      at::addmm_out(target, *bias, rows, weight.t());
+      at::addmm_out(target, *bias, operand, weight.t());
     else
-      at::mm_out(target, rows, weight.t());
+      at::mm_out(target, operand, weight.t());
   };
-  if (continuing > 0) gemm(output[steps.previous(t)], 0, continuing);
-  gemm(h0, continuing, active);
+  if (rows.continuing > rows.begin) gemm(output[steps.previous(t)], rows.begin, rows.continuing);
+  gemm(h0, rows.continuing, rows.end);
 }
 
 // grad_w += Σ_t grad_gates[t]ᵀ · h_prev[t] over every step and row, as one GEMM over all steps that have a
@@ -341,28 +364,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
   // Without projection o ⊙ tanh(c') is h itself and goes straight to the output.
   at::Tensor unprojected = w_hr.has_value() ? at::empty({B, H}, options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "fastdl::lstm_sequence_forward", [&] {
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = steps.at(step), active = steps.active(t), continuing = steps.continuing(t);
-      recurrent_gemm(steps, t, output, h_init, w_hh, std::nullopt, hidden_gates);
-      at::Tensor proj_t = proj[t], gates_t = gates[t], cells_t = cells[t], output_t = output[t];
-      at::Tensor& h_target = w_hr.has_value() ? unprojected : output_t;
-      const at::Tensor cells_prev = steps.has_previous(t) ? cells[steps.previous(t)] : c_init;
-      for_rows(active, 4 * H, [&](int64_t b) {
-        const scalar_t* c_prev = b < continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
-        lstm_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b), c_prev,
-                                   mutable_row_of<scalar_t>(gates_t, b), mutable_row_of<scalar_t>(cells_t, b),
-                                   mutable_row_of<scalar_t>(h_target, b), H);
-      });
-      if (w_hr.has_value() && active > 0) {
-        at::Tensor target = output_t.narrow(0, 0, active);
-        at::mm_out(target, unprojected.narrow(0, 0, active), w_hr->t());
+    for_batch_slices(B, [&](int64_t lo, int64_t hi) {
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = steps.at(step);
+        const Steps::Rows rows = steps.rows(t, lo, hi);
+        if (rows.end == rows.begin) continue;
+        recurrent_gemm(steps, t, rows, output, h_init, w_hh, std::nullopt, hidden_gates);
+        const at::Tensor proj_t = proj[t];
+        at::Tensor gates_t = gates[t], cells_t = cells[t], output_t = output[t];
+        at::Tensor& h_target = w_hr.has_value() ? unprojected : output_t;
+        const at::Tensor cells_prev = steps.has_previous(t) ? cells[steps.previous(t)] : c_init;
+        for (int64_t b = rows.begin; b < rows.end; ++b) {
+          const scalar_t* c_prev = b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
+          lstm_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b), c_prev,
+                                     mutable_row_of<scalar_t>(gates_t, b), mutable_row_of<scalar_t>(cells_t, b),
+                                     mutable_row_of<scalar_t>(h_target, b), H);
+        }
+        const int64_t count = rows.end - rows.begin;
+        if (w_hr.has_value()) {
+          at::Tensor target = output_t.narrow(0, rows.begin, count);
+          at::mm_out(target, unprojected.narrow(0, rows.begin, count), w_hr->t());
+        }
+        const int64_t finishing = rows.end - rows.finishing;
+        if (finishing > 0) {
+          h_n.narrow(0, rows.finishing, finishing).copy_(output_t.narrow(0, rows.finishing, finishing));
+          c_n.narrow(0, rows.finishing, finishing).copy_(cells_t.narrow(0, rows.finishing, finishing));
+        }
       }
-      const int64_t finishing = steps.first_finishing(t);
-      if (active > finishing) {
-        h_n.narrow(0, finishing, active - finishing).copy_(output_t.narrow(0, finishing, active - finishing));
-        c_n.narrow(0, finishing, active - finishing).copy_(cells_t.narrow(0, finishing, active - finishing));
-      }
-    }
+    });
   });
   return {output, h_n, c_n, gates, cells};
 }
@@ -387,29 +416,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
   at::Tensor dh_step = w_hr.has_value() ? at::Tensor() : at::empty({B, P}, options);
   at::Tensor dh_cell = w_hr.has_value() ? at::empty({B, H}, options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastdl::lstm_sequence_backward", [&] {
-    for (int64_t step = T - 1; step >= 0; --step) {
-      const int64_t t = steps.at(step), active = steps.active(t), continuing = steps.continuing(t);
-      if (active == 0) continue;
-      at::Tensor dh_total = w_hr.has_value() ? dh_all[t] : dh_step;
-      at::Tensor dh_rows = dh_total.narrow(0, 0, active);
-      at::add_out(dh_rows, grad_out[t].narrow(0, 0, active), dh_carry.narrow(0, 0, active));
-      if (w_hr.has_value()) {
-        at::Tensor target = dh_cell.narrow(0, 0, active);
-        at::mm_out(target, dh_rows, *w_hr);
+    for_batch_slices(B, [&](int64_t lo, int64_t hi) {
+      for (int64_t step = T - 1; step >= 0; --step) {
+        const int64_t t = steps.at(step);
+        const Steps::Rows rows = steps.rows(t, lo, hi);
+        const int64_t count = rows.end - rows.begin;
+        if (count == 0) continue;
+        at::Tensor dh_total = w_hr.has_value() ? dh_all[t] : dh_step;
+        at::Tensor dh_rows = dh_total.narrow(0, rows.begin, count);
+        at::add_out(dh_rows, grad_out[t].narrow(0, rows.begin, count), dh_carry.narrow(0, rows.begin, count));
+        if (w_hr.has_value()) {
+          at::Tensor target = dh_cell.narrow(0, rows.begin, count);
+          at::mm_out(target, dh_rows, *w_hr);
+        }
+        const at::Tensor& dh = w_hr.has_value() ? dh_cell : dh_total;
+        const at::Tensor g_t = g[t], c_t = c[t];
+        const at::Tensor cells_prev = steps.has_previous(t) ? c[steps.previous(t)] : c_init;
+        at::Tensor grad_t = grad_proj[t];
+        for (int64_t b = rows.begin; b < rows.end; ++b) {
+          const scalar_t* c_prev = b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
+          lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(dc_carry, b),
+                                      row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b), c_prev,
+                                      mutable_row_of<scalar_t>(grad_t, b), H);
+        }
+        at::Tensor carry_rows = dh_carry.narrow(0, rows.begin, count);
+        at::mm_out(carry_rows, grad_t.narrow(0, rows.begin, count), w_hh);
       }
-      const at::Tensor& dh = w_hr.has_value() ? dh_cell : dh_total;
-      const at::Tensor g_t = g[t], c_t = c[t];
-      const at::Tensor cells_prev = steps.has_previous(t) ? c[steps.previous(t)] : c_init;
-      at::Tensor grad_t = grad_proj[t];
-      for_rows(active, 4 * H, [&](int64_t b) {
-        const scalar_t* c_prev = b < continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
-        lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(dc_carry, b),
-                                    row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b), c_prev,
-                                    mutable_row_of<scalar_t>(grad_t, b), H);
-      });
-      at::Tensor carry_rows = dh_carry.narrow(0, 0, active);
-      at::mm_out(carry_rows, grad_t.narrow(0, 0, active), w_hh);
-    }
+    });
   });
   at::Tensor grad_w_hh = at::zeros_like(w_hh);
   accumulate_recurrent_weight_grad(steps, T, grad_proj, out, h_init, reverse, grad_w_hh);
@@ -417,13 +450,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
   if (w_hr.has_value()) {
     at::Tensor unprojected = steps.allocate({T, B, H}, options);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastdl::lstm_sequence_backward", [&] {
-      for (int64_t t = 0; t < T; ++t) {
-        const at::Tensor g_t = g[t], c_t = c[t];
-        at::Tensor r_t = unprojected[t];
-        for_rows(steps.active(t), 4 * H, [&](int64_t b) {
-          lstm_projected_row<scalar_t>(row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b), mutable_row_of<scalar_t>(r_t, b), H);
-        });
-      }
+      at::parallel_for(0, T, 1, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) {
+          const at::Tensor g_t = g[t], c_t = c[t];
+          at::Tensor r_t = unprojected[t];
+          for (int64_t b = 0; b < steps.active(t); ++b)
+            lstm_projected_row<scalar_t>(row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b),
+                                         mutable_row_of<scalar_t>(r_t, b), H);
+        }
+      });
     });
     grad_w_hr = at::mm(dh_all.reshape({-1, P}).t(), unprojected.reshape({-1, H}));
   }
@@ -444,21 +479,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_forward(const at::Te
   at::Tensor output = steps.allocate({T, B, H}, options), saved = steps.allocate({T, B, 4 * H}, options);
   at::Tensor h_n = h_init.clone(), hidden_gates = at::empty({B, 3 * H}, options);
   AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "fastdl::gru_sequence_forward", [&] {
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = steps.at(step), active = steps.active(t), continuing = steps.continuing(t);
-      recurrent_gemm(steps, t, output, h_init, w_hh, b_hh, hidden_gates);
-      const at::Tensor proj_t = proj[t];
-      const at::Tensor h_prev = steps.has_previous(t) ? output[steps.previous(t)] : h_init;
-      at::Tensor saved_t = saved[t], output_t = output[t];
-      for_rows(active, 4 * H, [&](int64_t b) {
-        const scalar_t* h_row = b < continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
-        gru_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b), h_row,
-                                  mutable_row_of<scalar_t>(saved_t, b), mutable_row_of<scalar_t>(output_t, b), H);
-      });
-      const int64_t finishing = steps.first_finishing(t);
-      if (active > finishing)
-        h_n.narrow(0, finishing, active - finishing).copy_(output_t.narrow(0, finishing, active - finishing));
-    }
+    for_batch_slices(B, [&](int64_t lo, int64_t hi) {
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = steps.at(step);
+        const Steps::Rows rows = steps.rows(t, lo, hi);
+        if (rows.end == rows.begin) continue;
+        recurrent_gemm(steps, t, rows, output, h_init, w_hh, b_hh, hidden_gates);
+        const at::Tensor proj_t = proj[t];
+        const at::Tensor h_prev = steps.has_previous(t) ? output[steps.previous(t)] : h_init;
+        at::Tensor saved_t = saved[t], output_t = output[t];
+        for (int64_t b = rows.begin; b < rows.end; ++b) {
+          const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
+          gru_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b), h_row,
+                                    mutable_row_of<scalar_t>(saved_t, b), mutable_row_of<scalar_t>(output_t, b), H);
+        }
+        const int64_t finishing = rows.end - rows.finishing;
+        if (finishing > 0) h_n.narrow(0, rows.finishing, finishing).copy_(output_t.narrow(0, rows.finishing, finishing));
+      }
+    });
   });
   return {output, h_n, saved};
 }
@@ -478,22 +516,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_backward
   at::Tensor grad_proj = steps.allocate({T, B, 3 * H}, options), grad_hidden = steps.allocate({T, B, 3 * H}, options);
   at::Tensor dh_carry = grad_h_n.contiguous().clone(), dh_total = at::empty({B, H}, options);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "fastdl::gru_sequence_backward", [&] {
-    for (int64_t step = T - 1; step >= 0; --step) {
-      const int64_t t = steps.at(step), active = steps.active(t), continuing = steps.continuing(t);
-      if (active == 0) continue;
-      at::Tensor dh_rows = dh_total.narrow(0, 0, active);
-      at::add_out(dh_rows, grad_out[t].narrow(0, 0, active), dh_carry.narrow(0, 0, active));
-      const at::Tensor s_t = s[t];
-      const at::Tensor h_prev = steps.has_previous(t) ? out[steps.previous(t)] : h_init;
-      at::Tensor grad_proj_t = grad_proj[t], grad_hidden_t = grad_hidden[t];
-      for_rows(active, 4 * H, [&](int64_t b) {
-        const scalar_t* h_row = b < continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
-        gru_backward_row<scalar_t>(row_of<scalar_t>(dh_total, b), row_of<scalar_t>(s_t, b), h_row,
-                                   mutable_row_of<scalar_t>(grad_proj_t, b), mutable_row_of<scalar_t>(grad_hidden_t, b),
-                                   mutable_row_of<scalar_t>(dh_carry, b), H);
-      });
-      dh_carry.narrow(0, 0, active).addmm_(grad_hidden_t.narrow(0, 0, active), w_hh);
-    }
+    for_batch_slices(B, [&](int64_t lo, int64_t hi) {
+      for (int64_t step = T - 1; step >= 0; --step) {
+        const int64_t t = steps.at(step);
+        const Steps::Rows rows = steps.rows(t, lo, hi);
+        const int64_t count = rows.end - rows.begin;
+        if (count == 0) continue;
+        at::Tensor dh_rows = dh_total.narrow(0, rows.begin, count);
+        at::add_out(dh_rows, grad_out[t].narrow(0, rows.begin, count), dh_carry.narrow(0, rows.begin, count));
+        const at::Tensor s_t = s[t];
+        const at::Tensor h_prev = steps.has_previous(t) ? out[steps.previous(t)] : h_init;
+        at::Tensor grad_proj_t = grad_proj[t], grad_hidden_t = grad_hidden[t];
+        for (int64_t b = rows.begin; b < rows.end; ++b) {
+          const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
+          gru_backward_row<scalar_t>(row_of<scalar_t>(dh_total, b), row_of<scalar_t>(s_t, b), h_row,
+                                     mutable_row_of<scalar_t>(grad_proj_t, b), mutable_row_of<scalar_t>(grad_hidden_t, b),
+                                     mutable_row_of<scalar_t>(dh_carry, b), H);
+        }
+        dh_carry.narrow(0, rows.begin, count).addmm_(grad_hidden_t.narrow(0, rows.begin, count), w_hh);
+      }
+    });
   });
   at::Tensor grad_w_hh = at::zeros_like(w_hh);
   accumulate_recurrent_weight_grad(steps, T, grad_hidden, out, h_init, reverse, grad_w_hh);
