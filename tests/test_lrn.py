@@ -79,6 +79,7 @@ def test_empty_input(backend, device, dtype, shape, use_backend):
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy under the interpreter
 def test_nan_and_inf_propagate_like_torch(backend, device, dtype, use_backend):
     x = torch.randn(2, 8, 3, 3, dtype=dtype)
     x[0, 3, 1, 1] = float("nan")
@@ -121,9 +122,10 @@ def test_opcheck(backend, use_backend):
         torch.library.opcheck(torch.ops.fastdl.local_response_norm.default, (x_cl, 4, 0.5, 0.75, 1.0))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(compiler):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), LocalResponseNorm(5, 0.5, 0.75, 2.0))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
     y = compiled(x)
     y.sum().backward()

@@ -25,20 +25,44 @@ _BLOCK = 256
 
 
 @triton.jit
-def _channel(ptr, base, c, stride_c, channels, mask):
-    """Channel c of the program's positions as fp32, zero outside 0 … channels−1."""
-    # The channel test is made on a vector: Triton's interpreter rejects masks mixing scalar and vector.
+def _offsets(base, c, stride_c):
+    """Element offsets of channel c at the program's positions, in int64 (tensors may pass 2^31 elements).
+    The channel is broadcast to a vector first: Triton's interpreter rejects masks mixing scalars and
+    vectors, and the vector is also what makes the product 64-bit."""
     channel = tl.zeros_like(base) + c
-    inside = mask & (channel >= 0) & (channel < channels)
-    return tl.load(ptr + base + c * stride_c, mask=inside, other=0.0).to(tl.float32)
+    return channel, base + channel * stride_c
 
 
 @triton.jit
-def _slide(window, x_ptr, base, idx, stride_c, channels, mask, BEFORE: tl.constexpr, AFTER: tl.constexpr):
+def _channel(ptr, base, c, stride_c, channels, mask):
+    """Channel c of the program's positions as fp32, zero outside 0 … channels−1."""
+    channel, offsets = _offsets(base, c, stride_c)
+    inside = mask & (channel >= 0) & (channel < channels)
+    return tl.load(ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _add(total, nans, infs, value, sign):
+    """Adds sign·value to a window sum kept as (finite total in fp64, count of NaN, count of ±Inf)."""
+    value = value.to(tl.float64)
+    is_nan = value != value
+    is_inf = (value == float("inf")) | (value == -float("inf"))
+    total += tl.where(is_nan | is_inf, 0.0, value) * sign
+    return total, nans + is_nan.to(tl.int32) * sign, infs + is_inf.to(tl.int32) * sign
+
+
+@triton.jit
+def _value(total, nans, infs):
+    return tl.where(nans > 0, float("nan"), tl.where(infs > 0, float("inf"), total))
+
+
+@triton.jit
+def _slide(total, nans, infs, x_ptr, base, idx, stride_c, channels, mask, BEFORE: tl.constexpr, AFTER: tl.constexpr):
     """The window sum of x² for channel idx, from the one for idx − 1."""
-    entering = _channel(x_ptr, base, idx + AFTER, stride_c, channels, mask)
-    leaving = _channel(x_ptr, base, idx - BEFORE - 1, stride_c, channels, mask)
-    return window + (entering * entering).to(tl.float64) - (leaving * leaving).to(tl.float64)
+    entering = _channel(x_ptr, base, idx + AFTER, stride_c, channels, mask).to(tl.float64)
+    leaving = _channel(x_ptr, base, idx - BEFORE - 1, stride_c, channels, mask).to(tl.float64)
+    total, nans, infs = _add(total, nans, infs, entering * entering, 1)
+    return _add(total, nans, infs, leaving * leaving, -1)
 
 
 @triton.jit
@@ -47,63 +71,81 @@ def _pow(base, exponent):
 
 
 @triton.jit
-def _mirror_term(window, x_ptr, g_ptr, base, j, stride_c, channels, mask, alpha_over_size, beta, k):
+def _scale(total, nans, infs, alpha_over_size, k):
+    return (k + alpha_over_size * _value(total, nans, infs)).to(tl.float32)
+
+
+@triton.jit
+def _mirror_term(scale, x_ptr, g_ptr, base, j, stride_c, channels, mask, beta):
     """t_j = g_j · x_j · scale_j^(−β−1), zero outside the channels."""
-    scale = (k + alpha_over_size * window).to(tl.float32)
     x = _channel(x_ptr, base, j, stride_c, channels, mask)
     g = _channel(g_ptr, base, j, stride_c, channels, mask)
     channel = tl.zeros_like(base) + j
     inside = (channel >= 0) & (channel < channels)
-    return tl.where(inside, g * x * _pow(scale, -beta - 1.0), 0.0).to(tl.float64)
+    return tl.where(inside, g * x * _pow(scale, -beta - 1.0), 0.0)
+
+
+@triton.jit
+def _program_positions(positions, tiles, stride_n, stride_s, BLOCK: tl.constexpr):
+    """The program's BLOCK positions (tile of one image): their mask and int64 offsets of channel 0."""
+    image = tl.program_id(0) // tiles
+    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return offsets < positions, image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
 
 
 @triton.jit
 def _lrn_forward_kernel(x_ptr, y_ptr, channels, positions, tiles, stride_n, stride_c, stride_s,
                         alpha_over_size, beta, k,
                         BEFORE: tl.constexpr, AFTER: tl.constexpr, BLOCK: tl.constexpr):
-    image = tl.program_id(0) // tiles
-    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < positions
-    base = image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
-    window = tl.zeros([BLOCK], dtype=tl.float64)
-    for j in range(0, AFTER):
-        v = _channel(x_ptr, base, j, stride_c, channels, mask)
-        window += (v * v).to(tl.float64)
-    for c in range(0, channels):
-        window = _slide(window, x_ptr, base, c, stride_c, channels, mask, BEFORE, AFTER)
-        scale = (k + alpha_over_size * window).to(tl.float32)
-        x = _channel(x_ptr, base, c, stride_c, channels, mask)
-        y = x * _pow(scale, -beta)
-        tl.store(y_ptr + base + c * stride_c, y.to(y_ptr.dtype.element_ty), mask=mask)
+    mask, base = _program_positions(positions, tiles, stride_n, stride_s, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    nans = tl.zeros([BLOCK], dtype=tl.int32)
+    infs = tl.zeros([BLOCK], dtype=tl.int32)
+    # The walk starts AFTER channels early so that the window starts empty.
+    for step in range(0, channels + AFTER):
+        c = step - AFTER
+        total, nans, infs = _slide(total, nans, infs, x_ptr, base, c, stride_c, channels, mask, BEFORE, AFTER)
+        if c >= 0:
+            x = _channel(x_ptr, base, c, stride_c, channels, mask)
+            y = x * _pow(_scale(total, nans, infs, alpha_over_size, k), -beta)
+            tl.store(y_ptr + _offsets(base, c, stride_c)[1], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, channels, positions, tiles, stride_n, stride_c, stride_s,
                          alpha_over_size, beta, k,
                          BEFORE: tl.constexpr, AFTER: tl.constexpr, BLOCK: tl.constexpr):
-    image = tl.program_id(0) // tiles
-    offsets = (tl.program_id(0) % tiles) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < positions
-    base = image.to(tl.int64) * stride_n + offsets.to(tl.int64) * stride_s
-    lead = tl.zeros([BLOCK], dtype=tl.float64)
-    trail = tl.zeros([BLOCK], dtype=tl.float64)
-    center = tl.zeros([BLOCK], dtype=tl.float64)
-    mirrored = tl.zeros([BLOCK], dtype=tl.float64)
+    mask, base = _program_positions(positions, tiles, stride_n, stride_s, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=tl.float64)
+    none = tl.zeros([BLOCK], dtype=tl.int32)
+    lead, lead_nans, lead_infs = zero, none, none
+    trail, trail_nans, trail_infs = zero, none, none
+    center, center_nans, center_infs = zero, none, none
+    mirrored, mirrored_nans, mirrored_infs = zero, none, none
     coef = 2.0 * alpha_over_size * beta
-    for c in range(-(BEFORE + AFTER), channels):
+    # The walk starts BEFORE + AFTER channels early so that every window starts empty.
+    for step in range(0, channels + BEFORE + AFTER):
+        c = step - (BEFORE + AFTER)
         j = c + BEFORE
-        lead = _slide(lead, x_ptr, base, j, stride_c, channels, mask, BEFORE, AFTER)
-        mirrored += _mirror_term(lead, x_ptr, g_ptr, base, j, stride_c, channels, mask, alpha_over_size, beta, k)
+        lead, lead_nans, lead_infs = _slide(lead, lead_nans, lead_infs, x_ptr, base, j, stride_c, channels, mask,
+                                            BEFORE, AFTER)
+        term = _mirror_term(_scale(lead, lead_nans, lead_infs, alpha_over_size, k), x_ptr, g_ptr, base, j, stride_c,
+                            channels, mask, beta)
+        mirrored, mirrored_nans, mirrored_infs = _add(mirrored, mirrored_nans, mirrored_infs, term, 1)
         i = c - AFTER - 1
-        trail = _slide(trail, x_ptr, base, i, stride_c, channels, mask, BEFORE, AFTER)
-        mirrored -= _mirror_term(trail, x_ptr, g_ptr, base, i, stride_c, channels, mask, alpha_over_size, beta, k)
-        center = _slide(center, x_ptr, base, c, stride_c, channels, mask, BEFORE, AFTER)
+        trail, trail_nans, trail_infs = _slide(trail, trail_nans, trail_infs, x_ptr, base, i, stride_c, channels,
+                                               mask, BEFORE, AFTER)
+        term = _mirror_term(_scale(trail, trail_nans, trail_infs, alpha_over_size, k), x_ptr, g_ptr, base, i,
+                            stride_c, channels, mask, beta)
+        mirrored, mirrored_nans, mirrored_infs = _add(mirrored, mirrored_nans, mirrored_infs, term, -1)
+        center, center_nans, center_infs = _slide(center, center_nans, center_infs, x_ptr, base, c, stride_c,
+                                                  channels, mask, BEFORE, AFTER)
         if c >= 0:
-            scale = (k + alpha_over_size * center).to(tl.float32)
             x = _channel(x_ptr, base, c, stride_c, channels, mask)
             g = _channel(g_ptr, base, c, stride_c, channels, mask)
-            dx = g * _pow(scale, -beta) - coef * x * mirrored.to(tl.float32)
-            tl.store(dx_ptr + base + c * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            scale = _scale(center, center_nans, center_infs, alpha_over_size, k)
+            dx = g * _pow(scale, -beta) - coef * x * _value(mirrored, mirrored_nans, mirrored_infs).to(tl.float32)
+            tl.store(dx_ptr + _offsets(base, c, stride_c)[1], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def lrn_forward(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:

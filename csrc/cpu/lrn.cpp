@@ -9,9 +9,9 @@
 //
 // Both kernels are one pass over the data. A task is one batch index × a tile of kTile spatial positions
 // × all channels; the window sums slide along the channels (add the channel entering, subtract the one
-// leaving), accumulated in double so that the subtraction cancels exactly whatever the magnitudes. The
-// tile is then normalized in one vectorized sweep; its pow (the costliest part of LRN) is a polynomial
-// exp2/log2 (common.h), since the C library pow does not vectorize.
+// leaving), accumulated in double so that the subtraction cancels exactly whatever the magnitudes, and
+// each channel row is normalized as soon as its sum is known, while it is in L1. The pow (the costliest
+// part of LRN) is a vectorized polynomial exp2/log2 (common.h), since the C library's does not vectorize.
 //
 // Backward rebuilds the scale from x instead of reading one saved by forward: the window sum costs two
 // flops per element inside a pass that reads x anyway, whereas a saved scale costs a full-size write in
@@ -54,13 +54,12 @@ FASTDL_INLINE int64_t element(const LrnTile<scalar_t>& t, int64_t c, int64_t lan
   return kChannelsLast ? c + lane * t.lane_stride : c * t.channel_stride + lane;
 }
 
-// sums[c·lanes + l] = Σ_{j = c − before … c + after, 0 ≤ j < channels} value(j, l), by a sliding sum in
-// double. A NaN or Inf that enters a sliding sum poisons it for good (Inf − Inf = NaN), which also makes
-// it easy to detect afterwards: a tile whose running sums end non-finite is summed again window by
-// window, giving exactly the reference's NaN/Inf pattern. Finite tiles, the norm, pay nothing for this.
-template <typename Value>
-FASTDL_INLINE void channel_window_sums(int64_t channels, int64_t lanes, int64_t before, int64_t after, Value value,
-                                       double* sums) {
+// Calls emit(c, running) for c = 0 … channels−1, where running[l] = Σ_{j = c − before … c + after,
+// 0 ≤ j < channels} value(j, l): a sliding sum in double, so that each subtraction cancels its addition
+// exactly (squares of floats are exact in double). emit does the channel's work while the row is hot.
+template <typename Value, typename Emit>
+FASTDL_INLINE void slide_over_channels(int64_t channels, int64_t lanes, int64_t before, int64_t after, Value value,
+                                       Emit emit) {
   double running[kTile] = {};
   for (int64_t j = 0; j < std::min(after, channels); ++j)
     for (int64_t l = 0; l < lanes; ++l) running[l] += value(j, l);
@@ -70,17 +69,18 @@ FASTDL_INLINE void channel_window_sums(int64_t channels, int64_t lanes, int64_t 
       for (int64_t l = 0; l < lanes; ++l) running[l] += value(entering, l);
     if (leaving >= 0)
       for (int64_t l = 0; l < lanes; ++l) running[l] -= value(leaving, l);
-    for (int64_t l = 0; l < lanes; ++l) sums[c * lanes + l] = running[l];
+    emit(c, running);
   }
-  double poison = 0;  // 0 unless some running sum is NaN or ±Inf
-  for (int64_t l = 0; l < lanes; ++l) poison += running[l] * 0.0;
-  if (poison == 0) return;
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t l = 0; l < lanes; ++l) {
-      double sum = 0;
-      for (int64_t j = std::max<int64_t>(0, c - before); j <= std::min(channels - 1, c + after); ++j) sum += value(j, l);
-      sums[c * lanes + l] = sum;
-    }
+}
+
+// The same sum for one channel and lane, window by window. A NaN or Inf poisons a sliding sum for good
+// (Inf − Inf = NaN), so tiles that hold one are redone with this, which gives the reference's exact
+// NaN/Inf pattern; finite tiles, the norm, never come here.
+template <typename Value>
+FASTDL_INLINE double window_sum(int64_t channels, int64_t before, int64_t after, int64_t c, int64_t l, Value value) {
+  double sum = 0;
+  for (int64_t j = std::max<int64_t>(0, c - before); j <= std::min(channels - 1, c + after); ++j) sum += value(j, l);
+  return sum;
 }
 
 template <typename scalar_t>
@@ -89,59 +89,73 @@ FASTDL_INLINE scalar_t scale_of(const LrnTile<scalar_t>& t, double window_sum) {
 }
 
 template <typename scalar_t, bool kChannelsLast>
-FASTDL_INLINE void window_sums_of_squares(const LrnTile<scalar_t>& t, double* sums) {
-  const auto square = [&](int64_t j, int64_t l) {
-    const double v = t.x[element<scalar_t, kChannelsLast>(t, j, l)];
-    return v * v;  // exact in double for float inputs
-  };
-  channel_window_sums(t.channels, t.lanes, t.size / 2, (t.size - 1) / 2, square, sums);
+FASTDL_INLINE double square(const LrnTile<scalar_t>& t, int64_t j, int64_t l) {
+  const double v = t.x[element<scalar_t, kChannelsLast>(t, j, l)];
+  return v * v;  // exact in double for float inputs
 }
 
 template <typename scalar_t, bool kChannelsLast>
-FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, scalar_t* y, double* sums) {
-  window_sums_of_squares<scalar_t, kChannelsLast>(t, sums);
+FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, scalar_t* y) {
+  const auto squares = [&](int64_t j, int64_t l) { return square<scalar_t, kChannelsLast>(t, j, l); };
+  const int64_t before = t.size / 2, after = (t.size - 1) / 2;
   int32_t outside = 0;
-  for (int64_t c = 0; c < t.channels; ++c)
+  slide_over_channels(t.channels, t.lanes, before, after, squares, [&](int64_t c, const double* running) {
     for (int64_t l = 0; l < t.lanes; ++l) {
       const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
-      y[i] = t.x[i] * pow_fast(scale_of(t, sums[c * t.lanes + l]), -beta, outside);
+      y[i] = t.x[i] * pow_fast(scale_of(t, running[l]), -beta, outside);
     }
+  });
   if (!outside) return;
+  // Some scale left pow_fast's domain: NaN/Inf in the tile (non-finite scales are outside it), or an
+  // extreme k. Redo the tile exactly.
   for (int64_t c = 0; c < t.channels; ++c)
     for (int64_t l = 0; l < t.lanes; ++l) {
       const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
-      const scalar_t scale = scale_of(t, sums[c * t.lanes + l]);
-      if (!pow_fast_covers(scale, -beta)) y[i] = t.x[i] * std::pow(scale, -beta);
+      y[i] = t.x[i] * std::pow(scale_of(t, window_sum(t.channels, before, after, c, l, squares)), -beta);
     }
 }
 
 template <typename scalar_t, bool kChannelsLast>
 FASTDL_CPU_CLONES void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, const scalar_t* grad_out,
-                                     scalar_t* grad_in, scalar_t* terms, scalar_t* scale_pow, double* sums) {
-  window_sums_of_squares<scalar_t, kChannelsLast>(t, sums);
-  // scale_pow = scale^(−β); terms = g · x · scale^(−β) / scale, the summands of the mirrored window.
+                                     scalar_t* grad_in, scalar_t* terms, scalar_t* scale_pow) {
+  const auto squares = [&](int64_t j, int64_t l) { return square<scalar_t, kChannelsLast>(t, j, l); };
+  const int64_t before = t.size / 2, after = (t.size - 1) / 2;
+  // Pass 1: scale_pow = scale^(−β) and terms = g · x · scale^(−β) / scale, the mirrored window's summands.
+  const auto keep = [&](int64_t c, int64_t l, scalar_t scale, scalar_t power) {
+    const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
+    scale_pow[c * t.lanes + l] = power;
+    terms[c * t.lanes + l] = grad_out[i] * t.x[i] * power / scale;
+  };
   int32_t outside = 0;
-  for (int64_t w = 0; w < t.channels * t.lanes; ++w) scale_pow[w] = pow_fast(scale_of(t, sums[w]), -beta, outside);
-  if (outside)
-    for (int64_t w = 0; w < t.channels * t.lanes; ++w) {
-      const scalar_t scale = scale_of(t, sums[w]);
-      if (!pow_fast_covers(scale, -beta)) scale_pow[w] = std::pow(scale, -beta);
-    }
-  for (int64_t c = 0; c < t.channels; ++c)
+  slide_over_channels(t.channels, t.lanes, before, after, squares, [&](int64_t c, const double* running) {
     for (int64_t l = 0; l < t.lanes; ++l) {
-      const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
-      const int64_t w = c * t.lanes + l;
-      terms[w] = grad_out[i] * t.x[i] * scale_pow[w] / scale_of(t, sums[w]);
+      const scalar_t scale = scale_of(t, running[l]);
+      keep(c, l, scale, pow_fast(scale, -beta, outside));
     }
+  });
+  if (outside)  // as in forward_tile: redo the tile exactly
+    for (int64_t c = 0; c < t.channels; ++c)
+      for (int64_t l = 0; l < t.lanes; ++l) {
+        const scalar_t scale = scale_of(t, window_sum(t.channels, before, after, c, l, squares));
+        keep(c, l, scale, std::pow(scale, -beta));
+      }
+  // Pass 2: the mirrored window (before and after swap roles) over the terms.
   const auto term = [&](int64_t j, int64_t l) { return static_cast<double>(terms[j * t.lanes + l]); };
-  channel_window_sums(t.channels, t.lanes, (t.size - 1) / 2, t.size / 2, term, sums);
   const scalar_t coef = 2 * t.alpha_over_size * beta;
-  for (int64_t c = 0; c < t.channels; ++c)
+  const auto emit = [&](int64_t c, int64_t l, double mirrored) {
+    const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
+    grad_in[i] = grad_out[i] * scale_pow[c * t.lanes + l] - coef * t.x[i] * static_cast<scalar_t>(mirrored);
+  };
+  double poison = 0;  // stays 0 unless a running sum is NaN or ±Inf
+  slide_over_channels(t.channels, t.lanes, after, before, term, [&](int64_t c, const double* running) {
     for (int64_t l = 0; l < t.lanes; ++l) {
-      const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
-      const int64_t w = c * t.lanes + l;
-      grad_in[i] = grad_out[i] * scale_pow[w] - coef * t.x[i] * static_cast<scalar_t>(sums[w]);
+      emit(c, l, running[l]);
+      poison += running[l] * 0.0;
     }
+  });
+  if (poison == 0) return;
+  for (int64_t c = 0; c < t.channels; ++c)
+    for (int64_t l = 0; l < t.lanes; ++l) emit(c, l, window_sum(t.channels, after, before, c, l, term));
 }
 
 void check_args(const at::Tensor& input, int64_t size, const char* name) {
@@ -203,14 +217,12 @@ at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha, doub
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     const int64_t image_stride = layout.channels * layout.positions;
     for_each_tile(layout, [&](int64_t image, int64_t first, int64_t lanes) {
-      thread_local std::vector<double> sums;
-      sums.resize(layout.channels * kTile);
       const int64_t offset = image * image_stride + first * (layout.channels_last ? layout.channels : 1);
       const LrnTile<scalar_t> tile = make_tile(layout, x + offset, lanes, size, alpha, k);
       if (layout.channels_last)
-        forward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), y + offset, sums.data());
+        forward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), y + offset);
       else
-        forward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), y + offset, sums.data());
+        forward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), y + offset);
     });
   });
   return output;
@@ -221,6 +233,8 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
   check_args(input, size, "fastdl::lrn_backward");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "fastdl::lrn_backward: grad_output has shape ",
               grad_output.sizes(), " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_output.device() == input.device() && grad_output.scalar_type() == input.scalar_type(),
+              "fastdl::lrn_backward: grad_output must match input's device and dtype");
   const Layout layout = layout_of(input);
   const at::Tensor grad = grad_output.contiguous(layout.channels_last ? input.suggest_memory_format()
                                                                       : at::MemoryFormat::Contiguous);
@@ -233,17 +247,15 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
     const int64_t image_stride = layout.channels * layout.positions;
     for_each_tile(layout, [&](int64_t image, int64_t first, int64_t lanes) {
       thread_local std::vector<scalar_t> work;
-      thread_local std::vector<double> sums;
       work.resize(2 * layout.channels * kTile);
-      sums.resize(layout.channels * kTile);
       const int64_t offset = image * image_stride + first * (layout.channels_last ? layout.channels : 1);
       const LrnTile<scalar_t> tile = make_tile(layout, x + offset, lanes, size, alpha, k);
       scalar_t* terms = work.data();
       scalar_t* scale_pow = work.data() + layout.channels * kTile;
       if (layout.channels_last)
-        backward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow, sums.data());
+        backward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow);
       else
-        backward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow, sums.data());
+        backward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow);
     });
   });
   return grad_input;
