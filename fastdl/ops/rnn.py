@@ -27,6 +27,10 @@ rows still running at step t are the prefix ``batch_sizes[t]``; rows past their 
 
 Dropout between layers is applied as ``nn.LSTM`` applies it: to the output of every layer but the last,
 in training mode only.
+
+torch.compile: Dynamo refuses to trace any instance of ``nn.LSTM`` / ``nn.GRU`` — subclasses included —
+unless ``torch._dynamo.config.allow_rnn = True``. With it set, ``LSTM`` and ``GRU`` compile with
+``fullgraph=True`` (every fastdl op here is a registered ``torch.library`` op with a fake kernel).
 """
 from __future__ import annotations
 
