@@ -212,38 +212,44 @@ void for_batch_slices(int64_t batch, Fn&& fn) {
 }
 
 // out[rows] = (previous step's h, or h0 for rows starting now)·Wᵀ (+ bias): the recurrent GEMM of step t.
+// `weight_t` is Wᵀ made contiguous once per layer: MKL then streams it as it is, where a transposed view
+// made it repack the whole 4H×P weight on every step (measured: 68 vs 47 GFLOP/s for 16×512·512×2048).
 void recurrent_gemm(const Steps& steps, int64_t t, const Steps::Rows& rows, const at::Tensor& output,
-                    const at::Tensor& h0, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& h0, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
                     at::Tensor& out) {
   const auto gemm = [&](const at::Tensor& h, int64_t begin, int64_t end) {
     if (end <= begin) return;
     at::Tensor target = out.narrow(0, begin, end - begin);
     const at::Tensor operand = h.narrow(0, begin, end - begin);
     if (bias.has_value())
-      at::addmm_out(target, *bias, operand, weight.t());
+      at::addmm_out(target, *bias, operand, weight_t);
     else
-      at::mm_out(target, operand, weight.t());
+      at::mm_out(target, operand, weight_t);
   };
   if (rows.continuing > rows.begin) gemm(output[steps.previous(t)], rows.begin, rows.continuing);
   gemm(h0, rows.continuing, rows.end);
 }
 
-// grad_w += Σ_t grad_gates[t]ᵀ · h_prev[t] over every step and row, as one GEMM over all steps that have a
-// previous step (inactive rows have zero gradient, and a row starting at t reads a zero output at the
-// previous step), plus the rows whose previous state is h0.
-void accumulate_recurrent_weight_grad(const Steps& steps, int64_t time, const at::Tensor& grad_gates,
-                                      const at::Tensor& output, const at::Tensor& h0, bool reverse, at::Tensor& grad_w) {
+// Σ_t grad_gates[t]ᵀ · h_prev[t] over every step and row: one GEMM over all steps that have a previous
+// step (inactive rows have zero gradient, and a row starting at t reads a zero output at the previous
+// step), plus the rows whose previous state is h0. The GEMM writes the result directly (no zero fill).
+at::Tensor recurrent_weight_grad(const Steps& steps, int64_t time, const at::Tensor& grad_gates,
+                                 const at::Tensor& output, const at::Tensor& h0, bool reverse) {
   const int64_t gates = grad_gates.size(2), hidden = output.size(2);
+  at::Tensor grad_w;
   if (time > 1) {
     const at::Tensor later = grad_gates.narrow(0, reverse ? 0 : 1, time - 1).reshape({-1, gates});
     const at::Tensor earlier = output.narrow(0, reverse ? 1 : 0, time - 1).reshape({-1, hidden});
-    grad_w.addmm_(later.t(), earlier);
+    grad_w = at::mm(later.t(), earlier);
+  } else {
+    grad_w = at::zeros({gates, hidden}, grad_gates.options());
   }
   for (int64_t t = 0; t < time; ++t) {
     const int64_t begin = steps.continuing(t), end = steps.active(t);
     if (end > begin)
       grad_w.addmm_(grad_gates[t].narrow(0, begin, end - begin).t(), h0.narrow(0, begin, end - begin));
   }
+  return grad_w;
 }
 
 template <typename T>
@@ -363,13 +369,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
   at::Tensor hidden_gates = at::empty({B, 4 * H}, options);
   // Without projection o ⊙ tanh(c') is h itself and goes straight to the output.
   at::Tensor unprojected = w_hr.has_value() ? at::empty({B, H}, options) : at::Tensor();
+  const at::Tensor w_hh_t = w_hh.t().contiguous();
+  const at::Tensor w_hr_t = w_hr.has_value() ? w_hr->t().contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "fastdl::lstm_sequence_forward", [&] {
     for_batch_slices(B, [&](int64_t lo, int64_t hi) {
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = steps.at(step);
         const Steps::Rows rows = steps.rows(t, lo, hi);
         if (rows.end == rows.begin) continue;
-        recurrent_gemm(steps, t, rows, output, h_init, w_hh, std::nullopt, hidden_gates);
+        recurrent_gemm(steps, t, rows, output, h_init, w_hh_t, std::nullopt, hidden_gates);
         const at::Tensor proj_t = proj[t];
         at::Tensor gates_t = gates[t], cells_t = cells[t], output_t = output[t];
         at::Tensor& h_target = w_hr.has_value() ? unprojected : output_t;
@@ -383,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
         const int64_t count = rows.end - rows.begin;
         if (w_hr.has_value()) {
           at::Tensor target = output_t.narrow(0, rows.begin, count);
-          at::mm_out(target, unprojected.narrow(0, rows.begin, count), w_hr->t());
+          at::mm_out(target, unprojected.narrow(0, rows.begin, count), w_hr_t);
         }
         const int64_t finishing = rows.end - rows.finishing;
         if (finishing > 0) {
@@ -444,8 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
       }
     });
   });
-  at::Tensor grad_w_hh = at::zeros_like(w_hh);
-  accumulate_recurrent_weight_grad(steps, T, grad_proj, out, h_init, reverse, grad_w_hh);
+  at::Tensor grad_w_hh = recurrent_weight_grad(steps, T, grad_proj, out, h_init, reverse);
   at::Tensor grad_w_hr = at::empty({0}, options);
   if (w_hr.has_value()) {
     at::Tensor unprojected = steps.allocate({T, B, H}, options);
@@ -478,13 +485,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_forward(const at::Te
   const auto options = proj.options();
   at::Tensor output = steps.allocate({T, B, H}, options), saved = steps.allocate({T, B, 4 * H}, options);
   at::Tensor h_n = h_init.clone(), hidden_gates = at::empty({B, 3 * H}, options);
+  const at::Tensor w_hh_t = w_hh.t().contiguous();
   AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "fastdl::gru_sequence_forward", [&] {
     for_batch_slices(B, [&](int64_t lo, int64_t hi) {
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = steps.at(step);
         const Steps::Rows rows = steps.rows(t, lo, hi);
         if (rows.end == rows.begin) continue;
-        recurrent_gemm(steps, t, rows, output, h_init, w_hh, b_hh, hidden_gates);
+        recurrent_gemm(steps, t, rows, output, h_init, w_hh_t, b_hh, hidden_gates);
         const at::Tensor proj_t = proj[t];
         const at::Tensor h_prev = steps.has_previous(t) ? output[steps.previous(t)] : h_init;
         at::Tensor saved_t = saved[t], output_t = output[t];
@@ -537,8 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_backward
       }
     });
   });
-  at::Tensor grad_w_hh = at::zeros_like(w_hh);
-  accumulate_recurrent_weight_grad(steps, T, grad_hidden, out, h_init, reverse, grad_w_hh);
+  at::Tensor grad_w_hh = recurrent_weight_grad(steps, T, grad_hidden, out, h_init, reverse);
   at::Tensor grad_b_hh = has_bias ? grad_hidden.sum({0, 1}) : at::empty({0}, options);
   return {grad_proj, dh_carry, grad_w_hh, grad_b_hh};
 }
