@@ -1,0 +1,336 @@
+"""LSTM / GRU / LSTMCell / GRUCell / lstm_cell / gru_cell on every backend against torch's own modules with
+copied weights, fp64 oracle: outputs, final states and the gradients of input, initial states and every
+parameter."""
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastdl
+from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
+from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+
+CASES = backend_device_cases()
+FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
+TORCH_TWIN = {LSTM: torch.nn.LSTM, GRU: torch.nn.GRU, LSTMCell: torch.nn.LSTMCell, GRUCell: torch.nn.GRUCell}
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _twins(cls, seed=0, **kwargs):
+    """(torch module in fp64, our module with the same weights)."""
+    torch.manual_seed(seed)
+    theirs = TORCH_TWIN[cls](**kwargs).double()
+    ours = cls(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _check(ours, theirs, make_inputs, call, backend, device, dtype, use_backend):
+    """Runs ``call(module, *inputs)`` on our module (backend/device/dtype) and on torch's (fp64 oracle,
+    and in dtype as the low-precision yardstick) and compares outputs and all gradients."""
+    names = [name for name, _ in theirs.named_parameters()]
+    inputs = list(make_inputs()) + [p.detach().clone().requires_grad_() for _, p in theirs.named_parameters()]
+    count = len(inputs) - len(names)
+
+    def runner(module):
+        return lambda *args: call(
+            lambda *a: functional_call(module, dict(zip(names, args[count:])), a), *args[:count]
+        )
+
+    expected, expected_grads = outputs_and_grads(runner(theirs), inputs, dtype=torch.float64, device="cpu")
+    eager, eager_grads = [None] * len(expected), [None] * len(expected_grads)
+    if dtype in (torch.float16, torch.bfloat16):
+        eager, eager_grads = outputs_and_grads(runner(theirs.to(device)), inputs, dtype=dtype, device=device)
+    ours = ours.to(device=device, dtype=dtype)
+    with use_backend(backend, device):
+        actual, actual_grads = outputs_and_grads(runner(ours), inputs, dtype=dtype, device=device)
+    for index, (a, e, low) in enumerate(zip(actual, expected, eager)):
+        assert a.dtype == dtype
+        assert_close(a, e, eager=low, name=f"output {index}")
+    labels = [f"input {i}" for i in range(count)] + names
+    for label, a, e, low in zip(labels, actual_grads, expected_grads, eager_grads):
+        assert_close(a, e, eager=low, name=f"grad {label}")
+
+
+# ------------------------------------------------------------------------------------------ sequences
+# (module, constructor kwargs, T, B): 1–3 layers, bidirectional, batch_first, proj_size, no bias, seq
+# length 1, batch 1.
+SEQUENCES = [
+    (LSTM, dict(input_size=5, hidden_size=6), 4, 3),
+    (LSTM, dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=True), 3, 2),
+    (LSTM, dict(input_size=4, hidden_size=5, num_layers=3, batch_first=True), 3, 2),
+    (LSTM, dict(input_size=5, hidden_size=6, proj_size=3, num_layers=2, bidirectional=True), 3, 2),
+    (LSTM, dict(input_size=5, hidden_size=6, bias=False), 1, 1),
+    (GRU, dict(input_size=5, hidden_size=6), 4, 3),
+    (GRU, dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=True), 3, 2),
+    (GRU, dict(input_size=4, hidden_size=5, num_layers=3, batch_first=True, bias=False), 3, 2),
+    (GRU, dict(input_size=5, hidden_size=6), 1, 1),
+]
+
+
+def _sequence_id(value):
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items() if k not in ("input_size", "hidden_size"))
+    return value.__name__ if isinstance(value, type) else str(value)
+
+
+def _states(module, batch, seed):
+    directions = 2 if module.bidirectional else 1
+    proj = getattr(module, "proj_size", 0)
+    h = _randn(module.num_layers * directions, batch, proj or module.hidden_size, seed=seed).requires_grad_()
+    if isinstance(module, torch.nn.LSTM):
+        return h, _randn(module.num_layers * directions, batch, module.hidden_size, seed=seed + 1).requires_grad_()
+    return (h,)
+
+
+def _rnn_call(module, x, *states):
+    output, hidden = module(x, (states if len(states) == 2 else states[0]) if states else None)
+    return (output,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("cls,kwargs,T,B", SEQUENCES, ids=_sequence_id)
+def test_sequence_matches_torch(cls, kwargs, T, B, backend, device, dtype, use_backend):
+    theirs, ours = _twins(cls, **kwargs)
+    shape = (B, T, kwargs["input_size"]) if kwargs.get("batch_first") else (T, B, kwargs["input_size"])
+    make = lambda: (_randn(*shape).requires_grad_(),) + _states(theirs, B, seed=3)  # noqa: E731
+    _check(ours, theirs, make, _rnn_call, backend, device, dtype, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES + [c for c in CASES if c.values[:3] == ("native", "cpu", torch.float64)])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_packed_unsorted_lengths_and_no_initial_state(cls, backend, device, dtype, use_backend):
+    kwargs = dict(input_size=4, hidden_size=5, num_layers=2, bidirectional=True)
+    if cls is LSTM:
+        kwargs["proj_size"] = 3
+    theirs, ours = _twins(cls, **kwargs)
+    lengths = torch.tensor([3, 5, 1, 4])
+
+    def call(module, padded, *states):
+        packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+        output, hidden = module(packed, (states if len(states) == 2 else states[0]) if states else None)
+        assert torch.equal(output.batch_sizes, packed.batch_sizes)
+        assert torch.equal(output.unsorted_indices, packed.unsorted_indices)
+        return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+
+    make = lambda: (_randn(5, 4, 4).requires_grad_(),) + _states(theirs, 4, seed=5)  # noqa: E731
+    _check(ours, theirs, make, call, backend, device, dtype, use_backend)
+    _check(ours, theirs, lambda: (_randn(5, 4, 4).requires_grad_(),), call, backend, device, dtype, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(cls, batch_first, backend, device, dtype, use_backend):
+    theirs, ours = _twins(cls, input_size=4, hidden_size=5, num_layers=2, batch_first=batch_first)
+    make = lambda: (_randn(3, 4).requires_grad_(),) + tuple(s[:, 0].detach().requires_grad_() for s in _states(theirs, 1, 7))  # noqa: E731
+    _check(ours, theirs, make, _rnn_call, backend, device, dtype, use_backend)
+
+
+def test_native_gradcheck_fp64(use_backend):
+    with use_backend("native", "cpu"):
+        for cls, kwargs in [(LSTM, dict(proj_size=2, bidirectional=True)), (GRU, dict(bidirectional=True))]:
+            torch.manual_seed(0)
+            module = cls(3, 4, **kwargs).double()
+            lengths = torch.tensor([3, 1, 2])
+            x = _randn(3, 3, 3).requires_grad_()
+            h = _states(module, 3, seed=1)
+
+            def fn(x, *states):
+                packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                output, hidden = module(packed, states if len(states) == 2 else states[0])
+                return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+
+            assert torch.autograd.gradcheck(fn, (x,) + h)
+            assert torch.autograd.gradcheck(lambda x, *s: _rnn_call(module, x, *s), (x,) + h)
+        x, hx, cx = _randn(2, 3).requires_grad_(), _randn(2, 4, seed=1).requires_grad_(), _randn(2, 4, seed=2).requires_grad_()
+        weights = [_randn(16, 3, seed=3).requires_grad_(), _randn(16, 4, seed=4).requires_grad_(),
+                   _randn(16, seed=5).requires_grad_(), _randn(16, seed=6).requires_grad_()]
+        assert torch.autograd.gradcheck(lambda x, h, c, *w: lstm_cell(x, (h, c), *w), (x, hx, cx, *weights))
+        weights = [w[:12] for w in weights[:2]] + [w[:12] for w in weights[2:]]
+        weights = [w.detach().requires_grad_() for w in weights]
+        assert torch.autograd.gradcheck(lambda x, h, *w: gru_cell(x, h, *w), (x, hx, *weights))
+
+
+# ------------------------------------------------------------------------------------------ cells
+CELLS = [(LSTMCell, 3, True), (LSTMCell, 1, False), (GRUCell, 3, True), (GRUCell, 2, False)]
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("cls,B,bias", CELLS, ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_cell_matches_torch(cls, B, bias, backend, device, dtype, use_backend):
+    theirs, ours = _twins(cls, input_size=5, hidden_size=7, bias=bias)
+
+    def make():
+        states = (_randn(B, 7, seed=1).requires_grad_(),)
+        if cls is LSTMCell:
+            states += (_randn(B, 7, seed=2).requires_grad_(),)
+        return (_randn(B, 5).requires_grad_(),) + states
+
+    def call(module, x, *states):
+        out = module(x, states if len(states) == 2 else states[0])
+        return out if isinstance(out, tuple) else (out,)
+
+    _check(ours, theirs, make, call, backend, device, dtype, use_backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+@pytest.mark.parametrize("cls", [LSTMCell, GRUCell])
+def test_cell_unbatched_and_default_state(cls, backend, device, dtype, use_backend):
+    theirs, ours = _twins(cls, input_size=5, hidden_size=4)
+
+    def call(module, x):
+        out = module(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    _check(ours, theirs, lambda: (_randn(5).requires_grad_(),), call, backend, device, dtype, use_backend)
+
+
+def test_functionals_match_torch():
+    x, h, c = _randn(3, 5), _randn(3, 4, seed=1), _randn(3, 4, seed=2)
+    w_ih, w_hh, b_ih, b_hh = _randn(16, 5, seed=3), _randn(16, 4, seed=4), _randn(16, seed=5), _randn(16, seed=6)
+    for actual, expected in zip(lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh), torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)):
+        assert_close(actual, expected)
+    g = [w_ih[:12], w_hh[:12], b_ih[:12], b_hh[:12]]
+    assert_close(gru_cell(x, h, *g), torch.gru_cell(x, h, *g))
+    assert_close(gru_cell(x, h, g[0], g[1]), torch.gru_cell(x, h, g[0], g[1], None, None))
+
+
+# ------------------------------------------------------------------------------------------ registration
+def _op_samples(device):
+    def r(*shape):
+        return torch.randn(shape, device=device)
+
+    T, B, H, P = 3, 2, 4, 3
+    sizes = torch.tensor([2, 2, 1])
+    return [
+        (torch.ops.fastdl.lstm_gates.default, (r(B, 4 * H), r(B, 4 * H), r(B, H))),
+        (torch.ops.fastdl.lstm_gates_backward.default, (r(B, H), r(B, H), r(B, 4 * H).sigmoid(), r(B, H), r(B, H))),
+        (torch.ops.fastdl.gru_gates.default, (r(B, 3 * H), r(B, 3 * H), r(B, H))),
+        (torch.ops.fastdl.gru_gates_backward.default, (r(B, H), r(B, 4 * H), r(B, H))),
+        (torch.ops.fastdl.lstm_layer.default, (r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(P, H), sizes, True)),
+        (torch.ops.fastdl.lstm_layer.default, (r(T, B, 4 * H), r(B, H), r(B, H), r(4 * H, H), None, None, False)),
+        (torch.ops.fastdl.gru_layer.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), r(3 * H), sizes, False)),
+        (torch.ops.fastdl.gru_layer.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), None, None, True)),
+        (torch.ops.fastdl.lstm_layer_backward.default,
+         (r(T, B, P), r(B, P), r(B, H), r(T, B, 4 * H), r(T, B, H), r(T, B, P), r(B, P), r(B, H), r(4 * H, P), r(P, H), sizes, False)),
+        (torch.ops.fastdl.gru_layer_backward.default,
+         (r(T, B, H), r(B, H), r(T, B, 4 * H), r(T, B, H), r(B, H), r(3 * H, H), True, None, True)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_opcheck(backend, use_backend):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with use_backend(backend, device):
+        for op, args in _op_samples(device):
+            # Backward ops have no derivative of their own (no double backward), so only forward ops get grads.
+            differentiable = not op.name().endswith("_backward")
+            args = tuple(a.requires_grad_(differentiable) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in args)
+            torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    # Dynamo refuses every nn.RNNBase instance (ours subclass nn.LSTM / nn.GRU) unless allow_rnn is set;
+    # with it, the model must trace as one graph through the fastdl ops.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lstm, gru = LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3), GRU(6, 4)
+    model = lambda x: gru(lstm(x)[0])[0]  # noqa: E731
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        y = compiled(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    twin_lstm = torch.nn.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3)
+    twin_lstm.load_state_dict(lstm.state_dict())
+    twin_gru = torch.nn.GRU(6, 4)
+    twin_gru.load_state_dict(gru.state_dict())
+    expected = twin_gru(twin_lstm(x)[0])[0]
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell])
+def test_weights_round_trip_and_repr(cls):
+    kwargs = dict(input_size=5, hidden_size=6)
+    if cls in (LSTM, GRU):
+        kwargs.update(num_layers=2, bidirectional=True)
+    if cls is LSTM:
+        kwargs["proj_size"] = 4
+    torch.manual_seed(0)
+    source = TORCH_TWIN[cls](**kwargs)
+    ours = cls(**kwargs)
+    assert isinstance(ours, TORCH_TWIN[cls])
+    ours.load_state_dict(source.state_dict())
+    back = TORCH_TWIN[cls](**kwargs)
+    back.load_state_dict(ours.state_dict())
+    assert repr(ours).endswith(repr(source)[len(type(source).__name__):])
+    for key, value in source.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    x = torch.randn(3, 2, 5) if cls in (LSTM, GRU) else torch.randn(2, 5)
+    torch.testing.assert_close(ours(x), back(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_between_layers_in_training_only():
+    torch.manual_seed(0)
+    ours = LSTM(4, 8, num_layers=2, dropout=0.5)
+    theirs = torch.nn.LSTM(4, 8, num_layers=2, dropout=0.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)
+    ours.train()
+    torch.manual_seed(1)
+    first = ours(x)[0]
+    torch.manual_seed(2)
+    second = ours(x)[0]
+    assert not torch.allclose(first, second), "training-mode dropout must change the output"
+    single = LSTM(4, 8, num_layers=1, dropout=0.0).train()
+    assert torch.equal(single(x)[0], single(x)[0])
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
+def test_deterministic(backend, device, dtype, use_backend):
+    torch.manual_seed(0)
+    module = LSTM(4, 6, num_layers=2, bidirectional=True).to(device)
+    x = torch.randn(4, 5, 4, device=device, requires_grad=True)
+    runs = []
+    with use_backend(backend, device):
+        for _ in range(2):
+            y, (h, c) = module(x)
+            grads = torch.autograd.grad((y.sum(), h.sum(), c.sum()), [x] + list(module.parameters()))
+            runs.append((y, h, c) + grads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: LSTM(4, 5)(torch.randn(2, 3, 4, 5)), ValueError, "LSTM"),
+        (lambda: GRU(4, 5)(torch.randn(3, 2, 6)), RuntimeError, "input.size"),
+        (lambda: LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), RuntimeError, "3-D"),
+        (lambda: GRU(4, 5)(torch.randn(3, 2, 4), torch.randn(1, 3, 5)), RuntimeError, "hidden"),
+        (lambda: LSTMCell(4, 5)(torch.randn(2, 3, 4)), ValueError, "LSTMCell"),
+        (lambda: lstm_cell(torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5)), torch.randn(20, 4), torch.randn(20, 5)),
+         RuntimeError, "input_size"),
+        (lambda: gru_cell(torch.randn(2, 4), torch.randn(3, 5), torch.randn(15, 4), torch.randn(15, 5)), RuntimeError, "hx"),
+    ],
+    ids=["lstm-rank4", "gru-input-size", "lstm-state-rank", "gru-state-batch", "cell-rank3", "lstm-cell-size", "gru-cell-batch"],
+)
+def test_bad_input_raises_like_torch(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    with fastdl.backend("native"), pytest.raises(NotImplementedError) as info:
+        LSTM(3, 4).half()(torch.randn(2, 1, 3, dtype=torch.float16))
+    message = str(info.value)
+    assert "dtype float16 is not supported on cpu" in message
+    assert "reference: can run it" in message
