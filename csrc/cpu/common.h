@@ -21,6 +21,9 @@
 #endif
 
 #define FASTDL_INLINE inline __attribute__((always_inline))
+// For lambdas called in a hot loop of a FASTDL_CPU_CLONES function: a lambda is a function of its own,
+// compiled for the baseline target unless it is inlined into the clone, so force that.
+#define FASTDL_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace fastdl {
 namespace cpu {

@@ -96,15 +96,18 @@ FASTDL_INLINE double square(const LrnTile<scalar_t>& t, int64_t j, int64_t l) {
 
 template <typename scalar_t, bool kChannelsLast>
 FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, scalar_t* y) {
-  const auto squares = [&](int64_t j, int64_t l) { return square<scalar_t, kChannelsLast>(t, j, l); };
+  const auto squares = [&](int64_t j, int64_t l) FASTDL_INLINE_LAMBDA {
+    return square<scalar_t, kChannelsLast>(t, j, l);
+  };
   const int64_t before = t.size / 2, after = (t.size - 1) / 2;
   int32_t outside = 0;
-  slide_over_channels(t.channels, t.lanes, before, after, squares, [&](int64_t c, const double* running) {
+  const auto normalize = [&](int64_t c, const double* running) FASTDL_INLINE_LAMBDA {
     for (int64_t l = 0; l < t.lanes; ++l) {
       const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
       y[i] = t.x[i] * pow_fast(scale_of(t, running[l]), -beta, outside);
     }
-  });
+  };
+  slide_over_channels(t.channels, t.lanes, before, after, squares, normalize);
   if (!outside) return;
   // Some scale left pow_fast's domain: NaN/Inf in the tile (non-finite scales are outside it), or an
   // extreme k. Redo the tile exactly.
@@ -118,21 +121,24 @@ FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, s
 template <typename scalar_t, bool kChannelsLast>
 FASTDL_CPU_CLONES void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, const scalar_t* grad_out,
                                      scalar_t* grad_in, scalar_t* terms, scalar_t* scale_pow) {
-  const auto squares = [&](int64_t j, int64_t l) { return square<scalar_t, kChannelsLast>(t, j, l); };
+  const auto squares = [&](int64_t j, int64_t l) FASTDL_INLINE_LAMBDA {
+    return square<scalar_t, kChannelsLast>(t, j, l);
+  };
   const int64_t before = t.size / 2, after = (t.size - 1) / 2;
   // Pass 1: scale_pow = scale^(−β) and terms = g · x · scale^(−β) / scale, the mirrored window's summands.
-  const auto keep = [&](int64_t c, int64_t l, scalar_t scale, scalar_t power) {
+  const auto keep = [&](int64_t c, int64_t l, scalar_t scale, scalar_t power) FASTDL_INLINE_LAMBDA {
     const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
     scale_pow[c * t.lanes + l] = power;
     terms[c * t.lanes + l] = grad_out[i] * t.x[i] * power / scale;
   };
   int32_t outside = 0;
-  slide_over_channels(t.channels, t.lanes, before, after, squares, [&](int64_t c, const double* running) {
+  const auto scale_and_terms = [&](int64_t c, const double* running) FASTDL_INLINE_LAMBDA {
     for (int64_t l = 0; l < t.lanes; ++l) {
       const scalar_t scale = scale_of(t, running[l]);
       keep(c, l, scale, pow_fast(scale, -beta, outside));
     }
-  });
+  };
+  slide_over_channels(t.channels, t.lanes, before, after, squares, scale_and_terms);
   if (outside)  // as in forward_tile: redo the tile exactly
     for (int64_t c = 0; c < t.channels; ++c)
       for (int64_t l = 0; l < t.lanes; ++l) {
@@ -140,19 +146,22 @@ FASTDL_CPU_CLONES void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, 
         keep(c, l, scale, std::pow(scale, -beta));
       }
   // Pass 2: the mirrored window (before and after swap roles) over the terms.
-  const auto term = [&](int64_t j, int64_t l) { return static_cast<double>(terms[j * t.lanes + l]); };
+  const auto term = [&](int64_t j, int64_t l) FASTDL_INLINE_LAMBDA {
+    return static_cast<double>(terms[j * t.lanes + l]);
+  };
   const scalar_t coef = 2 * t.alpha_over_size * beta;
-  const auto emit = [&](int64_t c, int64_t l, double mirrored) {
+  const auto emit = [&](int64_t c, int64_t l, double mirrored) FASTDL_INLINE_LAMBDA {
     const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
     grad_in[i] = grad_out[i] * scale_pow[c * t.lanes + l] - coef * t.x[i] * static_cast<scalar_t>(mirrored);
   };
   double poison = 0;  // stays 0 unless a running sum is NaN or ±Inf
-  slide_over_channels(t.channels, t.lanes, after, before, term, [&](int64_t c, const double* running) {
+  const auto gradient = [&](int64_t c, const double* running) FASTDL_INLINE_LAMBDA {
     for (int64_t l = 0; l < t.lanes; ++l) {
       emit(c, l, running[l]);
       poison += running[l] * 0.0;
     }
-  });
+  };
+  slide_over_channels(t.channels, t.lanes, after, before, term, gradient);
   if (poison == 0) return;
   for (int64_t c = 0; c < t.channels; ++c)
     for (int64_t l = 0; l < t.lanes; ++l) emit(c, l, window_sum(t.channels, after, before, c, l, term));

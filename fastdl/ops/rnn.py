@@ -41,12 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .._backends import Kernel, OpKernels
+from .._backends import OpKernels, standard_kernels
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "lstm_cell", "gru_cell"]
-
-_CPU_NATIVE = frozenset({torch.float32, torch.float64})
-_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 # ------------------------------------------------------------------------------------ reference cell math
@@ -225,16 +222,7 @@ def _kernels(op: str, native, triton, reference, sequence: bool = False) -> OpKe
     # from a Python loop, so on CUDA it comes after native for layers (and first for single cells).
     order = {"cuda": ("native", "triton", "reference") if sequence else ("triton", "native", "reference"),
              "cpu": ("native", "reference")}
-    return OpKernels(
-        op,
-        [
-            Kernel("native", native, {"cpu": _CPU_NATIVE, "cuda": _GPU}),
-            # On CPU, Triton runs only in its interpreter (tests), where fp32 is what we exercise.
-            Kernel("triton", triton, {"cuda": _GPU, "cpu": frozenset({torch.float32})}),
-            Kernel("reference", reference, {}),
-        ],
-        auto_order=order,
-    )
+    return standard_kernels(op, native, triton, reference, auto_order=order)
 
 
 _LSTM_GATES = _kernels("fastdl.lstm_cell", _native("lstm_pointwise_forward"), _triton_cell("lstm_gates_forward"),
