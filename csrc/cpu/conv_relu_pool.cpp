@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv_relu_pool_geometry.h"
 
 namespace fastdl {
 namespace cpu {
@@ -189,18 +190,6 @@ void route_grad(const PoolGeometry& g, const scalar_t* grad, Strides grad_stride
     for (int64_t n = 0; n < g.batch; ++n) sum += bias_sums[n * C + c];
     grad_bias[c] = static_cast<scalar_t>(sum);
   }
-}
-
-int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, bool ceil_mode) {
-  const int64_t span = size + 2 * padding - dilation * (kernel - 1) - 1;
-  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
-  if (ceil_mode && (out - 1) * stride >= size + padding) --out;  // the last window must start inside
-  return out;
-}
-
-at::ScalarType argmax_type(at::IntArrayRef pool_kernel) {
-  const int64_t positions = pool_kernel[0] * pool_kernel[1];
-  return positions <= 127 ? at::kChar : positions <= 32767 ? at::kShort : at::kInt;
 }
 
 void check_pair(at::IntArrayRef values, const char* name, int64_t minimum) {

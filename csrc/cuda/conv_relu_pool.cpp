@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../cpu/conv_relu_pool_geometry.h"
 #include "torch_glue.h"
 
 namespace fastdl {
@@ -25,18 +26,6 @@ bool is_channels_last(const at::Tensor& t) { return !t.is_contiguous() && t.is_c
 
 at::MemoryFormat format_of(const at::Tensor& t) {
   return is_channels_last(t) ? kChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, bool ceil_mode) {
-  const int64_t span = size + 2 * padding - dilation * (kernel - 1) - 1;
-  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
-  if (ceil_mode && (out - 1) * stride >= size + padding) --out;  // the last window must start inside
-  return out;
-}
-
-at::ScalarType argmax_type(at::IntArrayRef pool_kernel) {
-  const int64_t positions = pool_kernel[0] * pool_kernel[1];
-  return positions <= 127 ? at::kChar : positions <= 32767 ? at::kShort : at::kInt;
 }
 
 // The launchers' geometry: sizes of z and y, then the window as eight ints.

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cpu/rnn_steps.h"
 #include "torch_glue.h"
 
 namespace fastdl {
@@ -39,43 +40,6 @@ namespace {
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
 }
-
-// Which rows of a padded, length-sorted batch run at each step (see csrc/cpu/rnn.cpp, class Steps).
-class Steps {
- public:
-  Steps(int64_t time, int64_t batch, const std::optional<at::Tensor>& batch_sizes, bool reverse)
-      : time_(time), reverse_(reverse), sizes_(time, batch) {
-    if (batch_sizes.has_value()) {
-      const at::Tensor sizes = batch_sizes->to(at::kCPU, at::kLong).contiguous();
-      TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == time, "fastdl rnn: batch_sizes must have one entry per time step");
-      const int64_t* data = sizes.const_data_ptr<int64_t>();
-      for (int64_t t = 0; t < time; ++t) {
-        TORCH_CHECK(data[t] >= 0 && data[t] <= batch && (t == 0 || data[t] <= data[t - 1]),
-                    "fastdl rnn: batch_sizes must be non-increasing and at most the batch size ", batch);
-        sizes_[t] = data[t];
-      }
-    }
-    packed_ = time > 0 && sizes_[time - 1] < batch;
-  }
-  int64_t at(int64_t step) const { return reverse_ ? time_ - 1 - step : step; }
-  bool has_previous(int64_t t) const { return reverse_ ? t + 1 < time_ : t > 0; }
-  int64_t previous(int64_t t) const { return reverse_ ? t + 1 : t - 1; }
-  int64_t active(int64_t t) const { return sizes_[t]; }
-  int64_t continuing(int64_t t) const { return has_previous(t) ? std::min(active(t), active(previous(t))) : 0; }
-  int64_t first_finishing(int64_t t) const {
-    if (reverse_) return t == 0 ? 0 : active(t);
-    return t + 1 < time_ ? active(t + 1) : 0;
-  }
-  at::Tensor allocate(at::IntArrayRef shape, const at::TensorOptions& options) const {
-    return packed_ ? at::zeros(shape, options) : at::empty(shape, options);
-  }
-
- private:
-  int64_t time_;
-  bool reverse_;
-  std::vector<int64_t> sizes_;
-  bool packed_ = false;
-};
 
 // The previous step's tensor for rows that carry state, or nullptr at the first step.
 const void* carry_of(const Steps& steps, int64_t t, const at::Tensor& sequence) {
