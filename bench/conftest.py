@@ -4,10 +4,10 @@ A case calls the ``bench`` fixture with the function to time, what it is (op, ca
 bytes it must move and/or the flops it must do. The harness
 
 * times it with pytest-benchmark (synchronizing CUDA after every call), and records the median;
-* relates it to eager PyTorch on the same case, measured in the same run (these machines are shared
-  and noisy, so only side-by-side ratios mean anything): the implementation named ``eager`` is the
-  baseline; if a case's eager run has not happened yet in this session, its ``baseline`` function is
-  timed on the spot;
+* relates it to eager PyTorch on the same case (the ``baseline`` function; the implementation named
+  ``eager`` is that baseline itself): the ratio is the median over pairs of runs alternating baseline
+  and implementation, so both see the same machine — these machines are shared and noisy, and only
+  side-by-side ratios mean anything;
 * turns bytes and flops into GB/s and TFLOP/s, and into percent of this device's peak as measured in
   this same session (device-to-device copy bandwidth; a large matmul's throughput);
 * prints one summary table at the end of ``pytest bench/``, and writes it as Markdown to the path given
@@ -55,6 +55,24 @@ def median_seconds(fn, device: torch.device, budget_s: float = 0.5, max_rounds: 
     return statistics.median(times)
 
 
+def interleaved_speedup(baseline, fn, device: torch.device, budget_s: float = 2.0, max_pairs: int = 60) -> float:
+    """Median over alternating pairs of (baseline time / fn time). Timing the two back to back, pair after
+    pair, makes the ratio robust to the load of a shared machine drifting during the run, which two
+    medians taken minutes apart are not."""
+    pair = median_seconds(baseline, device, budget_s=0.05, max_rounds=3) + median_seconds(fn, device, budget_s=0.05,
+                                                                                           max_rounds=3)
+    ratios = []
+    for _ in range(max(5, min(max_pairs, int(budget_s / max(pair, 1e-6))))):
+        times = []
+        for candidate in (baseline, fn):
+            start = time.perf_counter()
+            candidate()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -79,7 +97,6 @@ class Row:
 @dataclass
 class Session:
     rows: list[Row] = field(default_factory=list)
-    eager_ms: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)
 
     def copy_gbps(self, device: torch.device) -> float:
@@ -131,13 +148,12 @@ def bench(benchmark):
         if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing to record
             return
         median_ms = benchmark.stats.stats.median * 1e3
-        key = (op, case, str(device))
         if impl == "eager":
-            SESSION.eager_ms[key] = median_ms
-        elif key not in SESSION.eager_ms and baseline is not None:
-            SESSION.eager_ms[key] = median_seconds(baseline, device) * 1e3
-        eager_ms = SESSION.eager_ms.get(key)
-        vs_eager = eager_ms / median_ms if eager_ms else None
+            vs_eager = 1.0
+        elif baseline is not None:
+            vs_eager = interleaved_speedup(baseline, fn, device)
+        else:
+            vs_eager = None
         gbps = bytes_moved / (median_ms / 1e3) / 1e9 if bytes_moved else None
         tflops = flops / (median_ms / 1e3) / 1e12 if flops else None
         row = Row(
@@ -176,7 +192,8 @@ def summary_markdown() -> str:
         f"{datetime.date.today().isoformat()} · fastdl {fastdl.__version__} commit {_git_commit()} · torch {torch.__version__}"
         f" · measured peaks this run: {peaks or 'n/a'}",
         "",
-        "Ratios are against eager PyTorch on the same case, measured in the same run (>1 is faster).",
+        "Ratios are against eager PyTorch on the same case: the median of per-pair ratios over runs alternating"
+        " eager and the implementation (>1 is faster).",
         "",
         "| op | case | impl | median ms | vs eager | GB/s | % copy BW | TFLOP/s | % matmul peak | notes |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
