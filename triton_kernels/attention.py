@@ -64,6 +64,16 @@ def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, nq, nk, qk_scale,
 
 
 @triton.jit
+def _query_block(nq, heads_q, heads_kv, BLOCK_M: tl.constexpr):
+    """The program's (batch, query head, key/value head, first query row). One flat grid axis over query
+    blocks × batch × heads: no 65535 limit on batch × heads."""
+    tiles = tl.cdiv(nq, BLOCK_M)
+    bh = tl.program_id(0) // tiles
+    h = bh % heads_q
+    return bh // heads_q, h, h // (heads_q // heads_kv), (tl.program_id(0) % tiles) * BLOCK_M
+
+
+@triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_m, sm_n, so_b, so_h, so_n,
@@ -72,12 +82,7 @@ def _attention_forward_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tiles = tl.cdiv(nq, BLOCK_M)  # one flat grid axis: no 65535 limit on batch × heads
-    start_m = (tl.program_id(0) % tiles) * BLOCK_M
-    bh = tl.program_id(0) // tiles
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // (heads_q // heads_kv)
+    b, h, hk, start_m = _query_block(nq, heads_q, heads_kv, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -204,12 +209,7 @@ def _attention_backward_dq_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tiles = tl.cdiv(nq, BLOCK_M)  # one flat grid axis: no 65535 limit on batch × heads
-    start_m = (tl.program_id(0) % tiles) * BLOCK_M
-    bh = tl.program_id(0) // tiles
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // (heads_q // heads_kv)
+    b, h, hk, start_m = _query_block(nq, heads_q, heads_kv, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
