@@ -372,12 +372,20 @@ def _lstm_layer_setup(ctx, inputs, output) -> None:
     # and h0 are the left factors of dW_hh; o ⊙ tanh c for dW_hr is rebuilt from gates and cells.
     ctx.save_for_backward(gates, cells, layer_output, h0, c0, w_hh, w_hr, batch_sizes)
     ctx.reverse = reverse
+    # Gates and cells are outputs only so that backward can have them; their "gradients" are always
+    # unused, and materializing them would zero-fill two [T, B, ·] tensors per call.
+    ctx.set_materialize_grads(False)
+
+
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _lstm_layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     gates, cells, output, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
     grad_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_layer_backward_op(
-        grad_output, grad_h_n, grad_c_n, gates, cells, output, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse
+        _zeros_if_none(grad_output, output), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0), gates,
+        cells, output, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse
     )
     return grad_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None, None, None
 
@@ -424,12 +432,14 @@ def _gru_layer_setup(ctx, inputs, output) -> None:
     # as the left factors of dW_hh).
     ctx.save_for_backward(saved, layer_output, h0, w_hh, batch_sizes)
     ctx.reverse, ctx.has_bias = reverse, b_hh is not None
+    ctx.set_materialize_grads(False)  # as for LSTM: the saved activations' "gradient" is never used
 
 
 def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_saved):
     saved, output, h0, w_hh, batch_sizes = ctx.saved_tensors
     grad_proj, grad_h0, grad_w_hh, grad_b_hh = _gru_layer_backward_op(
-        grad_output, grad_h_n, saved, output, h0, w_hh, ctx.has_bias, batch_sizes, ctx.reverse
+        _zeros_if_none(grad_output, output), _zeros_if_none(grad_h_n, h0), saved, output, h0, w_hh, ctx.has_bias,
+        batch_sizes, ctx.reverse
     )
     return grad_proj, grad_h0, grad_w_hh, grad_b_hh if ctx.has_bias else None, None, None
 
