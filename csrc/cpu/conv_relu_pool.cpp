@@ -1,7 +1,7 @@
 // Fused Conv2d + ReLU + MaxPool2d (AlexNet, ZFNet, VGG, LeNet blocks), CPU.
 //
-// Forward: z = conv(x, w) through ATen (oneDNN) without bias, in channels-last; then ONE pass that reads
-// z window by window and writes only the pooled results:
+// Forward: z = conv(x, w) through ATen (oneDNN) without bias, handed to the pooling in channels-last; then
+// ONE pass that reads z window by window and writes only the pooled results:
 //   y[n, oh, ow, c] = max(0, b[c] + max_{(i, j) in window} z[n, oh·s − p + i·d, ow·s − p + j·d, c])
 //   a[n, oh, ow, c] = i·PW + j of that max (first in row-major order; a NaN wins), or −1 where y ≤ 0.
 // relu(· + b) is non-decreasing, so it commutes with the max: the add and clamp are done once per pooled
@@ -11,8 +11,8 @@
 // ReLU mask is the a = −1 case); it is built in one pass and handed to ATen's convolution_backward.
 // ∂L/∂b = Σ_{n, oh, ow: a ≥ 0} g.
 //
-// Why channels-last for z: oneDNN's convolution is much faster on NHWC here than on NCHW (AlexNet conv1
-// takes about half the time), and in NHWC every pooling step is a contiguous sweep over the channels,
+// Why channels-last for z: oneDNN's convolution is mostly faster on NHWC here than on NCHW (see
+// forward_conv_format for when it is not), and in NHWC every pooling step is a contiguous sweep over the channels,
 // which vectorizes without gathers. The pooled tensors (y, argmax, and ∂L/∂y in backward) are read and
 // written in the caller's layout through their strides, so NCHW callers pay no conversion pass for them.
 #include <ATen/ATen.h>
@@ -21,7 +21,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <array>
 #include <limits>
 #include <vector>
 
@@ -234,34 +233,54 @@ at::MemoryFormat format_of(const at::Tensor& input) {
   return !input.is_contiguous() && input.is_contiguous(kChannelsLast) ? kChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// `t` in memory format `format`. Small tensors (weights, their gradients, batch-1 activations) are copied
-// on the calling thread: ATen's copy would wake the thread pool for them, and that wake-up, not the copy,
-// is what costs (tens of ms per copy on a busy machine; oneDNN would otherwise reorder the weight on every
-// call).
-at::Tensor in_format_small(const at::Tensor& t, at::MemoryFormat format) {
-  constexpr int64_t kSerialLimit = 1 << 20;
-  if (t.is_contiguous(format) || t.numel() > kSerialLimit) return t.contiguous(format);
+// dst[k][r] = src[r][k] for each of `batch` (rows × cols) matrices, in square tiles so that both the reads
+// and the writes of a tile stay within a few cache lines. Tasks are runs of tile rows of ~64k elements, so a
+// small tensor is converted on the calling thread: waking the thread pool would cost more than the copy.
+template <typename scalar_t>
+void transpose_matrices(const scalar_t* src, scalar_t* dst, int64_t batch, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kTile * std::max<int64_t>(cols, 1)));
+  at::parallel_for(0, batch * row_tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t offset = task / row_tiles * rows * cols;
+      const int64_t r0 = task % row_tiles * kTile, r1 = std::min(rows, r0 + kTile);
+      for (int64_t k0 = 0; k0 < cols; k0 += kTile) {
+        const int64_t k1 = std::min(cols, k0 + kTile);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t k = k0; k < k1; ++k) dst[offset + k * rows + r] = src[offset + r * cols + k];
+      }
+    }
+  });
+}
+
+// `t` in memory format `format` (NCHW or channels-last). A dense tensor in the other of the two formats is
+// converted by `transpose_matrices`: ATen's copy between them walks the destination element by element
+// and is an order of magnitude slower here (it was the largest cost of this op after the convolutions).
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (t.is_contiguous(format)) return t;
+  const at::MemoryFormat other = format == kChannelsLast ? at::MemoryFormat::Contiguous : kChannelsLast;
+  if (!t.is_contiguous(other)) return t.contiguous(format);
   at::Tensor out = at::empty(t.sizes(), t.options(), format);
-  // Walk the dimensions in the destination's memory order, so that the writes are sequential.
-  const std::array<int64_t, 4> order = format == kChannelsLast ? std::array<int64_t, 4>{0, 2, 3, 1}
-                                                                : std::array<int64_t, 4>{0, 1, 2, 3};
-  int64_t size[4], from[4], to[4];
-  for (int d = 0; d < 4; ++d) {
-    size[d] = t.size(order[d]);
-    from[d] = t.stride(order[d]);
-    to[d] = out.stride(order[d]);
-  }
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastdl::in_format_small", [&] {
-    const scalar_t* src = t.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i0 = 0; i0 < size[0]; ++i0)
-      for (int64_t i1 = 0; i1 < size[1]; ++i1)
-        for (int64_t i2 = 0; i2 < size[2]; ++i2)
-          for (int64_t i3 = 0; i3 < size[3]; ++i3)
-            dst[i0 * to[0] + i1 * to[1] + i2 * to[2] + i3 * to[3]] =
-                src[i0 * from[0] + i1 * from[1] + i2 * from[2] + i3 * from[3]];
+  const int64_t channels = t.size(1), positions = t.size(2) * t.size(3);
+  // NCHW → NHWC transposes each image's (C, H·W) matrix; NHWC → NCHW each image's (H·W, C) matrix.
+  const int64_t rows = format == kChannelsLast ? channels : positions;
+  const int64_t cols = format == kChannelsLast ? positions : channels;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastdl::in_format", [&] {
+    transpose_matrices(t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), t.size(0), rows, cols);
   });
   return out;
+}
+
+// The layout the forward convolution runs in. oneDNN's channels-last kernels are as fast as or faster than
+// its NCHW ones on these layers (AlexNet conv1: about 3× at batch 1), but an NCHW caller then pays for
+// converting the input and the weight. That pays off when the input is at least as large as the weight;
+// when the weight dominates (AlexNet conv5 and VGG16 block 5 at small batch) converting it on every call
+// would cost more than the convolution gains, so the convolution runs in NCHW and only its output is
+// converted for the pooling pass.
+at::MemoryFormat forward_conv_format(const at::Tensor& input, const at::Tensor& weight) {
+  return format_of(input) == kChannelsLast || input.numel() >= weight.numel() ? kChannelsLast
+                                                                              : at::MemoryFormat::Contiguous;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(
@@ -270,9 +289,10 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(
     at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, at::IntArrayRef pool_dilation, bool ceil_mode) {
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "fastdl::conv_relu_pool2d: expected 4-D input and weight, got ",
               input.sizes(), " and ", weight.sizes());
-  const at::Tensor z = at::convolution(in_format_small(input, kChannelsLast), in_format_small(weight, kChannelsLast),
-                                       std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
-                           .contiguous(kChannelsLast);
+  const auto conv_format = forward_conv_format(input, weight);
+  const at::Tensor z = in_format(at::convolution(in_format(input, conv_format), in_format(weight, conv_format),
+                                                 std::nullopt, stride, padding, dilation, false, {0, 0}, groups),
+                                 kChannelsLast);
   const PoolGeometry g = geometry_of(z, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
   const std::vector<int64_t> shape{g.batch, g.channels, g.out_height, g.out_width};
   const auto format = format_of(input);
@@ -329,15 +349,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
   } else if (has_bias) {
     grad_bias.zero_();
   }
+  // The convolution's backward always runs in channels-last, whatever the forward chose: ∂L/∂z is built
+  // there, and oneDNN's channels-last backward is as fast as or faster than its NCHW one on every layer
+  // measured (VGG16 block 5 at batch 16: 7% faster), which outweighs converting the input and weight.
   at::Tensor grad_input, grad_weight;
   if (input_needs_grad || weight_needs_grad) {
     std::tie(grad_input, grad_weight, std::ignore) =
-        at::convolution_backward(grad_z, in_format_small(input, kChannelsLast), in_format_small(weight, kChannelsLast),
+        at::convolution_backward(grad_z, in_format(input, kChannelsLast), in_format(weight, kChannelsLast),
                                  std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                  {input_needs_grad, weight_needs_grad, false});
   }
-  grad_input = input_needs_grad ? grad_input.contiguous(format_of(input)) : input.new_empty({0});
-  grad_weight = weight_needs_grad ? in_format_small(grad_weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
+  grad_input = input_needs_grad ? in_format(grad_input, format_of(input)) : input.new_empty({0});
+  grad_weight = weight_needs_grad ? in_format(grad_weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
   return {grad_input, grad_weight, grad_bias};
 }
 
