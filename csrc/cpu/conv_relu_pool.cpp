@@ -8,8 +8,10 @@
 // value, and the full-resolution ReLU output never exists. a is int8 (int16/int32 for huge windows).
 //
 // Backward: ∂L/∂z is zero except at each window's argmax, which receives that window's gradient (the
-// ReLU mask is the a = −1 case). So the convolution's backward is our own and sparse: each window with a
-// gradient scatters into ∂L/∂x and ∂L/∂w directly (see "backward" below), never materializing ∂L/∂z.
+// ReLU mask is the a = −1 case). So where a group's filters fit in cache (sparse_backward_pays), the
+// convolution's backward is our own and sparse: each window with a gradient scatters into ∂L/∂x and ∂L/∂w
+// directly (see "backward" below), never materializing ∂L/∂z. Elsewhere ∂L/∂z is built in one pass and
+// handed to ATen's convolution_backward.
 // ∂L/∂b = Σ_{n, oh, ow: a ≥ 0} g.
 //
 // Why channels-last for z: oneDNN's convolution is mostly faster on NHWC here than on NCHW (see
