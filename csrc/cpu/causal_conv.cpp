@@ -18,6 +18,7 @@
 //
 // Streaming step: x at step t sits in ring slot t mod (R + 1), R = d·(k − 1), buffer (N, R + 1, C_in).
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -28,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../python_functions.h"
 #include "common.h"
 
 namespace fastdl {
@@ -147,9 +149,10 @@ FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* 
   }
 }
 
-// Σ_{t < count} term(t) in kLanes interleaved partial sums added up in a fixed order at the end: GCC
-// vectorizes this (a single running float sum it may not reorder, so it would not), and the order, hence
-// the result, is the same on every run and every CPU.
+// Σ_{t < count} term(t) in kLanes interleaved partial sums, added up at the end by halving (lane l plus
+// lane l + width, width = kLanes/2 … 1): GCC vectorizes both the sweep (a single running float sum it may
+// not reorder, so it would not) and the final tree, which matters when count is short (a streaming step's
+// dot products are ~100 long). The order, hence the result, is the same on every run.
 constexpr int64_t kLanes = 16;
 
 template <typename scalar_t, typename Term>
@@ -159,9 +162,9 @@ FASTDL_INLINE scalar_t sum_in_lanes(int64_t count, Term term) {
   for (; t + kLanes <= count; t += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(t + l);
   for (int64_t l = 0; t + l < count; ++l) lanes[l] += term(t + l);
-  scalar_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
 }
 
 // dx[t] += Σ_j w[j]·g[t + s_j] (t + s_j < T); dw[j] += Σ_{t ≥ s_j} g[t]·x[t − s_j]; db += Σ_t g[t].
@@ -366,60 +369,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
 
 // --------------------------------------------------------------------------------------- streaming step
 
-// y[n, o] = b[o] + Σ_j Σ_i w[o, i, j] · h_j[n, group·C_in/g + i], h_j = x_t if s_j = 0 else the ring slot
-// (t − s_j) mod (R + 1); then x_t goes into slot t mod (R + 1) (never one of the slots read: 1 ≤ s_j ≤ R).
+// y[n, o] = b[o] + Σ_i Σ_j w[o, i, j] · window[n, group(o)·C_in/g + i, j], where window[n, c, j] is channel c
+// of x at step t − s_j: x_t itself for s_j = 0, else ring slot (t − s_j) mod (R + 1). Laid out (C_in, k),
+// as the weight's (C_in/g, k) rows are, each output is one contiguous dot product of length (C_in/g)·k
+// with its weight row: the weight is read in its own layout, nothing is permuted or copied per step.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void step_output(const scalar_t* w_taps, const scalar_t* const* history, int64_t taps,
-                                   int64_t out_channels, int64_t cig, int64_t o, scalar_t bias, scalar_t* y) {
-  scalar_t acc = bias;
-  for (int64_t j = 0; j < taps; ++j) {
-    const scalar_t* wj = w_taps + (j * out_channels + o) * cig;
-    const scalar_t* h = history[j];
-    for (int64_t i = 0; i < cig; ++i) acc += wj[i] * h[i];
+FASTDL_CPU_CLONES void step_outputs(const scalar_t* window, const scalar_t* w, const scalar_t* bias,
+                                    int64_t in_channels, int64_t out_channels, int64_t taps, int64_t row_length,
+                                    int64_t out_per_group, int64_t begin, int64_t end, scalar_t* y) {
+  // (image n, output o, o's group, o's index in it) of row = n·C_out + o, advanced without divisions.
+  int64_t n = begin / out_channels, o = begin % out_channels, group = o / out_per_group, in_group = o % out_per_group;
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* w_row = w + o * row_length;
+    const scalar_t* z = window + n * in_channels * taps + group * row_length;
+    const scalar_t dot = sum_in_lanes<scalar_t>(row_length, [&](int64_t e) FASTDL_INLINE_LAMBDA { return w_row[e] * z[e]; });
+    y[row] = (bias != nullptr ? bias[o] : scalar_t(0)) + dot;
+    if (++in_group == out_per_group) in_group = 0, ++group;
+    if (++o == out_channels) o = 0, group = 0, ++n;
   }
-  *y = acc;
+}
+
+// Every check of the streaming step is here, in C++, where it costs nanoseconds: the eager fast path of
+// CausalConv1d.step calls the kernel with no Python-side validation (see fastdl/ops/causal_conv.py).
+void check_step_args(const at::Tensor& input, const at::Tensor& buffer, int64_t position, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t dilation, int64_t groups) {
+  const char* op = "causal_conv1d_step";
+  TORCH_CHECK(input.dim() == 2, op, ": input must be (batch, in_channels), got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must be (out_channels, in_channels/groups, kernel_size), got ",
+              weight.sizes());
+  TORCH_CHECK(dilation >= 1 && groups >= 1, op, ": dilation and groups must be >= 1, got ", dilation, " and ",
+              groups);
+  TORCH_CHECK(weight.size(0) % groups == 0 && weight.size(1) * groups == input.size(1), op, ": input has ",
+              input.size(1), " channels but weight ", weight.sizes(), " with groups=", groups, " expects ",
+              weight.size(1) * groups);
+  TORCH_CHECK(weight.size(2) >= 1, op, ": kernel_size must be >= 1");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), op, ": weight is ",
+              weight.scalar_type(), " on ", weight.device(), ", input is ", input.scalar_type(), " on ",
+              input.device());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type() &&
+                    bias->device() == input.device(),
+                op, ": bias must be a (", weight.size(0), ",) tensor of the input's dtype and device, got ",
+                bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  const int64_t slots = dilation * (weight.size(2) - 1) + 1;
+  TORCH_CHECK(buffer.dim() == 3 && buffer.size(0) == input.size(0) && buffer.size(1) == slots &&
+                  buffer.size(2) == input.size(1) && buffer.is_contiguous() &&
+                  buffer.scalar_type() == input.scalar_type() && buffer.device() == input.device(),
+              op, ": state buffer must be a contiguous (", input.size(0), ", ", slots, ", ", input.size(1),
+              ") tensor (batch, dilation·(kernel_size−1)+1, in_channels) of the input's dtype and device, got ",
+              buffer.sizes(), " ", buffer.scalar_type(), " on ", buffer.device(), ": make it with init_state");
+  TORCH_CHECK(position >= 0, op, ": position must be >= 0, got ", position);
 }
 
 at::Tensor causal_conv_step(const at::Tensor& input_, at::Tensor& buffer, int64_t position, const at::Tensor& weight_,
                             const std::optional<at::Tensor>& bias_, int64_t dilation, int64_t groups) {
-  TORCH_CHECK(input_.dim() == 2, "fastdl::causal_conv_step: expected input (N, C_in), got ", input_.sizes());
-  check_args(input_.unsqueeze(-1), weight_, bias_, dilation, groups, "fastdl::causal_conv_step");
-  const int64_t batch = input_.size(0), in_channels = input_.size(1), taps = weight_.size(2);
-  const int64_t slots = dilation * (taps - 1) + 1;
-  TORCH_CHECK(buffer.dim() == 3 && buffer.size(0) == batch && buffer.size(1) == slots && buffer.size(2) == in_channels &&
-                  buffer.is_contiguous() && buffer.scalar_type() == input_.scalar_type(),
-              "fastdl::causal_conv_step: buffer must be a contiguous (", batch, ", ", slots, ", ", in_channels,
-              ") tensor of the input's dtype, got ", buffer.sizes());
-  TORCH_CHECK(position >= 0, "fastdl::causal_conv_step: position must be >= 0, got ", position);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor w_taps = taps_first(weight_);
+  check_step_args(input_, buffer, position, weight_, bias_, dilation, groups);
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
   const std::optional<at::Tensor> bias = bias_.has_value() ? std::optional(bias_->contiguous()) : std::nullopt;
-  const int64_t out_channels = weight_.size(0), cig = in_channels / groups, cog = out_channels / groups;
+  const int64_t batch = input.size(0), in_channels = input.size(1), out_channels = weight.size(0);
+  const int64_t taps = weight.size(2), slots = buffer.size(1);
+  const int64_t row_length = weight.size(1) * taps;
   at::Tensor output = at::empty({batch, out_channels}, input.options());
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastdl::causal_conv_step", [&] {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "causal_conv1d_step", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* w = w_taps.const_data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ring = buffer.mutable_data_ptr<scalar_t>();
-    scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, taps * cig));
-    at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> history(taps);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / out_channels, o = row % out_channels, first_in = (o / cog) * cig;
-        for (int64_t j = 0; j < taps; ++j) {
-          const int64_t shift = dilation * (taps - 1 - j);
-          history[j] = (shift == 0 ? x + n * in_channels : ring + (n * slots + (position - shift + slots) % slots) * in_channels) + first_in;
-        }
-        step_output(w, history.data(), taps, out_channels, cig, o, b != nullptr ? b[o] : scalar_t(0), y + row);
+    // Gather the window, (N, C_in, k); small: one sample of each layer input per tap.
+    std::vector<scalar_t> window(batch * in_channels * taps);
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t j = 0; j < taps; ++j) {
+        const int64_t shift = dilation * (taps - 1 - j);
+        const scalar_t* h = shift == 0 ? x + n * in_channels
+                                       : ring + (n * slots + (position % slots - shift + slots) % slots) * in_channels;
+        scalar_t* z = window.data() + n * in_channels * taps + j;
+        for (int64_t c = 0; c < in_channels; ++c) z[c * taps] = h[c];
       }
-    });
     for (int64_t n = 0; n < batch; ++n)
       std::copy_n(x + n * in_channels, in_channels, ring + (n * slots + position % slots) * in_channels);
+    // One generation step of a WaveNet layer is a few thousand multiply-adds: below ~16k per thread the
+    // fork costs more than it saves, so small batches run on the calling thread.
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, row_length));
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
+      step_outputs(window.data(), weight.const_data_ptr<scalar_t>(), b, in_channels, out_channels, taps, row_length,
+                   out_channels / groups, begin, end, output.mutable_data_ptr<scalar_t>());
+    });
   });
   return output;
 }
+
+// fastdl._C.causal_conv_step: the same kernel called from Python without the dispatcher, for the eager
+// fast path of CausalConv1d.step (see python_functions.h and fastdl/ops/causal_conv.py). The output is a
+// new tensor outside autograd: the step is not differentiable (it is meant for generation).
+at::Tensor causal_conv_step_from_python(const at::Tensor& input, at::Tensor& buffer, int64_t position,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                        int64_t dilation, int64_t groups) {
+  TORCH_CHECK(input.is_cpu(), "causal_conv1d_step: fastdl._C.causal_conv_step takes CPU tensors, got input on ",
+              input.device());
+  return causal_conv_step(input, buffer, position, weight, bias, dilation, groups);
+}
+
+const PythonFunctions registered([](PyObject* module) {
+  try {
+    pybind11::reinterpret_borrow<pybind11::module_>(module).def(
+        "causal_conv_step", &causal_conv_step_from_python, pybind11::arg("input"), pybind11::arg("buffer"),
+        pybind11::arg("position"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("dilation"),
+        pybind11::arg("groups"),
+        "One streaming step of a causal conv layer on CPU tensors, as torch.ops.fastdl.causal_conv_step: "
+        "returns y_t (N, C_out) and writes input into ring slot position mod (R + 1) of buffer.");
+  } catch (pybind11::error_already_set& error) {
+    error.restore();
+    return -1;
+  }
+  return 0;
+});
 
 }  // namespace
 }  // namespace cpu
