@@ -6,9 +6,9 @@
 //
 // The causal window is read in place. Per group, tap j is one matrix product on shifted column ranges
 // of the unpadded rows:   Y[:, s_j:T] += W_j · X[:, 0:T−s_j]   (W_j = w[:, :, j], C_out/g × C_in/g)
-// so the dense path is k GEMMs per (image, group, time chunk) through ATen's BLAS with leading dimension
-// T: no padded copy of x, no over-long output to chomp, and the FLOPs are exactly the useful ones. Tap
-// k−1 (shift 0) covers every column, so it goes first and initializes the output (beta = 0).
+// The dense forward and ∂x sum these products in a direct register-tiled kernel (see "shifted matrix
+// products"), ∂w is one GEMM per tap through ATen's BLAS with leading dimension T: no padded copy of x,
+// no over-long output to chomp, and the FLOPs are exactly the useful ones.
 //
 // Depthwise layers (one input channel per group) are k multiply-adds per output: a vectorized sweep
 // along time, with kernel sizes 2 and 3 (WaveNet, TCN) fused into one pass, any other k one pass per tap.
@@ -111,8 +111,6 @@ void for_each_task(int64_t tasks, const Fn& fn) {
   });
 }
 
-// w (C_out, C_in/g, k) → (k, C_out, C_in/g): each tap's matrix contiguous, as the GEMMs want it.
-at::Tensor taps_first(const at::Tensor& weight) { return weight.permute({2, 0, 1}).contiguous(); }
 
 // ------------------------------------------------------------------------------------- depthwise sweeps
 
@@ -183,31 +181,199 @@ FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t*
   }
 }
 
+// ---------------------------------------------------------------------------- shifted matrix products
+//
+// The dense forward and ∂x are both, per (image, group), a sum over taps of a small matrix times column-
+// shifted rows:
+//     out[r, t] = init[r] + Σ_j Σ_c P_j[r, c] · src[c, t + offset_j]        (src outside [0, T) reads 0)
+//   forward: src = x, P_j = W_j   (C_out/g × C_in/g), offset_j = −s_j, init = bias
+//   ∂x:      src = g, P_j = W_jᵀ  (C_in/g × C_out/g), offset_j = +s_j, init = 0
+// One BLAS GEMM per tap would pack the strided src rows again for every call, zero or rescale out
+// between taps and leave the bias to another pass over out. This kernel reads src in place instead and
+// keeps a tile of kRows outputs × kVectors vectors of consecutive steps in registers over every tap and
+// channel, so each output is written once, bias included. The tile's shape is picked per instruction set
+// (register count and vector width), hence explicit per-ISA instantiations rather than FASTDL_CPU_CLONES,
+// whose clones all share one source and so one tile shape.
+
+// P_j of every group, laid out for the tile kernel: per group, per block of block_rows output rows, per
+// tap, per input row c, the block's block_rows coefficients side by side (zeros past the last row, so a
+// partial block runs the same code). `transposed` selects P_j = W_jᵀ (∂x) over P_j = W_j (forward).
+template <typename scalar_t>
+std::vector<scalar_t> pack_blocks(const scalar_t* w, const Shape& s, bool transposed, int64_t block_rows) {
+  const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const int64_t rows = transposed ? cig : cog, columns = transposed ? cog : cig;
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  std::vector<scalar_t> packed(s.groups * blocks * s.taps * columns * block_rows, scalar_t(0));
+  scalar_t* out = packed.data();
+  for (int64_t group = 0; group < s.groups; ++group)
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int64_t j = 0; j < s.taps; ++j)
+        for (int64_t c = 0; c < columns; ++c)
+          for (int64_t r = block * block_rows; r < (block + 1) * block_rows; ++r, ++out) {
+            if (r >= rows) continue;
+            const int64_t o = group * cog + (transposed ? c : r), i = transposed ? r : c;
+            *out = w[(o * cig + i) * s.taps + j];
+          }
+  return packed;
+}
+
+// One (image, group) of a shifted product: src (columns, T) and out (rows, T) rows of length T.
+template <typename scalar_t>
+struct ShiftedProduct {
+  const scalar_t* src;
+  scalar_t* out;
+  const scalar_t* packed;  // this group's pack_blocks
+  const scalar_t* init;    // rows values, or nullptr for zeros
+  const int64_t* offsets;  // per tap
+  int64_t length, rows, columns, taps;
+};
+
+// A GCC vector of kBytes / sizeof(scalar_t) lanes (the attribute needs a non-dependent element type).
+template <typename scalar_t, int kBytes>
+struct Vector;
+template <int kBytes>
+struct Vector<float, kBytes> {
+  typedef float type __attribute__((vector_size(kBytes)));
+};
+template <int kBytes>
+struct Vector<double, kBytes> {
+  typedef double type __attribute__((vector_size(kBytes)));
+};
+
+// out tile (kRows × kVectors vectors) = init + Σ_j Σ_c coefficients · sources[j][c·stride …]; stores the
+// first rows_valid rows.
+template <typename scalar_t, int kRows, int kVectors, int kBytes>
+FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, int64_t taps, int64_t columns,
+                                const scalar_t* coefficients, const scalar_t* init, int64_t rows_valid, scalar_t* out,
+                                int64_t out_stride) {
+  using vec = typename Vector<scalar_t, kBytes>::type;
+  constexpr int kLanes = kBytes / sizeof(scalar_t);
+  vec acc[kRows][kVectors];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    const scalar_t value = init != nullptr && r < rows_valid ? init[r] : scalar_t(0);
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = vec{} + value;
+  }
+  for (int64_t j = 0; j < taps; ++j) {
+    const scalar_t* src = sources[j];
+    const scalar_t* coefficient = coefficients + j * columns * kRows;
+    for (int64_t c = 0; c < columns; ++c, src += stride, coefficient += kRows) {
+      vec x[kVectors];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) std::memcpy(&x[v], src + v * kLanes, kBytes);
+#pragma GCC unroll 16
+      for (int r = 0; r < kRows; ++r) {
+        const vec w = coefficient[r] - vec{};  // a broadcast (x − 0 is x exactly, so GCC drops the subtraction)
+#pragma GCC unroll 4
+        for (int v = 0; v < kVectors; ++v) acc[r][v] += w * x[v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r)
+    if (r < rows_valid)
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) std::memcpy(out + r * out_stride + v * kLanes, &acc[r][v], kBytes);
+}
+
+// Columns [begin, end) of a shifted product, one tile width at a time, every row block per tile. Each
+// tile's src columns are first copied into a contiguous (taps, columns, tile width) block: read in place,
+// rows T apart (a multiple of 4 KiB for the usual lengths) all fall in the same L1 sets and evict each
+// other before the next row block reads them again; the copy stays in L1 across the blocks. The copy
+// also supplies the zeros where src reaches outside [0, T) (the causal head of the forward, the tail of
+// ∂x), and a tile cut short by `end` is written through a small buffer.
+template <typename scalar_t, int kRows, int kVectors, int kBytes>
+FASTDL_INLINE void shifted_product(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
+  constexpr int64_t kColumns = kVectors * (kBytes / sizeof(scalar_t));
+  const int64_t blocks = (p.rows + kRows - 1) / kRows, block_size = p.taps * p.columns * kRows;
+  std::vector<const scalar_t*> sources(p.taps);
+  std::vector<scalar_t> staged_src(p.taps * p.columns * kColumns), staged_out(kRows * kColumns);
+  for (int64_t j = 0; j < p.taps; ++j) sources[j] = staged_src.data() + j * p.columns * kColumns;
+  for (int64_t t0 = begin; t0 < end; t0 += kColumns) {
+    const int64_t width = std::min(kColumns, end - t0);
+    for (int64_t j = 0; j < p.taps; ++j) {
+      scalar_t* stage = staged_src.data() + j * p.columns * kColumns;
+      const int64_t first = t0 + p.offsets[j];
+      if (width == kColumns && first >= 0 && first + kColumns <= p.length) {
+        // A constant-size memcpy: inlined as a few vector moves (std::copy_n became a libc memmove call).
+        for (int64_t c = 0; c < p.columns; ++c)
+          std::memcpy(stage + c * kColumns, p.src + c * p.length + first, kColumns * sizeof(scalar_t));
+        continue;
+      }
+      for (int64_t c = 0; c < p.columns; ++c)
+        for (int64_t u = 0; u < kColumns; ++u) {
+          const int64_t t = first + u;
+          stage[c * kColumns + u] = u < width && t >= 0 && t < p.length ? p.src[c * p.length + t] : scalar_t(0);
+        }
+    }
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t row0 = block * kRows, rows_valid = std::min<int64_t>(kRows, p.rows - row0);
+      const scalar_t* init = p.init != nullptr ? p.init + row0 : nullptr;
+      const bool whole = width == kColumns;
+      product_tile<scalar_t, kRows, kVectors, kBytes>(sources.data(), kColumns, p.taps, p.columns,
+                                                      p.packed + block * block_size, init, rows_valid,
+                                                      whole ? p.out + row0 * p.length + t0 : staged_out.data(),
+                                                      whole ? p.length : kColumns);
+      if (!whole)
+        for (int64_t r = 0; r < rows_valid; ++r)
+          std::copy_n(staged_out.data() + r * kColumns, width, p.out + (row0 + r) * p.length + t0);
+    }
+  }
+}
+
+// Tile shapes: accumulators plus the src vectors and a broadcast weight fit the register file (AVX-512:
+// 16 of 32 zmm; AVX2: 12 of 16 ymm; SSE2: 8 of 16 xmm), with enough independent accumulators to cover
+// the FMA latency.
+template <typename scalar_t>
+__attribute__((target("avx512f,fma"))) void shifted_product_avx512(const ShiftedProduct<scalar_t>& p, int64_t begin,
+                                                                   int64_t end) {
+  shifted_product<scalar_t, 8, 2, 64>(p, begin, end);
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void shifted_product_avx2(const ShiftedProduct<scalar_t>& p, int64_t begin,
+                                                              int64_t end) {
+  shifted_product<scalar_t, 6, 2, 32>(p, begin, end);
+}
+
+template <typename scalar_t>
+void shifted_product_baseline(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
+  shifted_product<scalar_t, 4, 2, 16>(p, begin, end);
+}
+
+template <typename scalar_t>
+struct ShiftedProductKernel {
+  void (*run)(const ShiftedProduct<scalar_t>&, int64_t, int64_t);
+  int64_t block_rows;  // kRows of run's tile: what pack_blocks must use
+};
+
+template <typename scalar_t>
+ShiftedProductKernel<scalar_t> shifted_product_kernel() {
+  if (__builtin_cpu_supports("avx512f")) return {shifted_product_avx512<scalar_t>, 8};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {shifted_product_avx2<scalar_t>, 6};
+  return {shifted_product_baseline<scalar_t>, 4};
+}
+
 // ------------------------------------------------------------------------------------------- forward
 
 template <typename scalar_t>
-void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, const scalar_t* bias, scalar_t* y) {
+void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/false, kernel.block_rows);
+  const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
+  std::vector<int64_t> offsets(s.taps);
+  for (int64_t j = 0; j < s.taps; ++j) offsets[j] = -s.shift(j);
   const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
   for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
     const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
-    const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
-    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
-    scalar_t* yg = y + (n * s.out_channels + group * cog) * s.length;
-    for (int64_t j = s.taps - 1; j >= 0; --j) {
-      // Columns t in [max(t0, s_j), t1) read x at t − s_j ≥ 0.
-      const int64_t shift = s.shift(j), first = std::max(t0, shift);
-      if (first >= t1) continue;  // the whole window is before 0; never tap k−1 (shift 0), which initializes
-      const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
-      gemm<scalar_t>(false, false, cog, t1 - first, cig, wj, cig, xg + first - shift, s.length,
-                     j == s.taps - 1 ? scalar_t(0) : scalar_t(1), yg + first, s.length);
-    }
-    if (bias != nullptr)
-      for (int64_t o = 0; o < cog; ++o) {
-        const scalar_t b = bias[group * cog + o];
-        scalar_t* row = yg + o * s.length;
-        for (int64_t t = t0; t < t1; ++t) row[t] += b;
-      }
+    const ShiftedProduct<scalar_t> product{x + (n * s.in_channels + group * cig) * s.length,
+                                           y + (n * s.out_channels + group * cog) * s.length,
+                                           packed.data() + group * group_size,
+                                           bias != nullptr ? bias + group * cog : nullptr,
+                                           offsets.data(), s.length, cog, cig, s.taps};
+    kernel.run(product, chunk * kTimeChunk, std::min(s.length, (chunk + 1) * kTimeChunk));
   });
 }
 
@@ -241,8 +407,7 @@ at::Tensor causal_conv_forward(const at::Tensor& input_, const at::Tensor& weigh
       depthwise_forward(s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                         output.mutable_data_ptr<scalar_t>());
     } else {
-      const at::Tensor w_taps = taps_first(weight);
-      dense_forward(s, input.const_data_ptr<scalar_t>(), w_taps.const_data_ptr<scalar_t>(), b,
+      dense_forward(s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                     output.mutable_data_ptr<scalar_t>());
     }
   });
@@ -266,9 +431,14 @@ void sum_partials(const scalar_t* partials, int64_t tasks, int64_t size, scalar_
 // ∂w, ∂b terms into the task's private partial while the g and x columns are still in cache. The
 // partials are then summed in task order.
 template <typename scalar_t>
-void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w_taps, scalar_t* dx,
+void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dx,
                     scalar_t* dw_taps, scalar_t* db) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/true, kernel.block_rows);
+  const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
+  std::vector<int64_t> offsets(s.taps);
+  for (int64_t j = 0; j < s.taps; ++j) offsets[j] = s.shift(j);
   const int64_t chunks = (s.length + kWeightChunk - 1) / kWeightChunk;
   const int64_t per_group_tasks = s.batch * chunks;
   const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
@@ -280,16 +450,12 @@ void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const 
     const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
     scalar_t* dxg = dx + (n * s.in_channels + group * cig) * s.length;
     scalar_t* partial = partials.data() + task * partial_size;
+    const ShiftedProduct<scalar_t> dx_product{gg, dxg, packed.data() + group * group_size, nullptr, offsets.data(),
+                                              s.length, cig, cog, s.taps};
     for (int64_t t0 = begin; t0 < end; t0 += kTimeChunk) {
       const int64_t t1 = std::min(end, t0 + kTimeChunk);
-      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] for t in [t0, min(t1, T − s_j)); tap k−1 (shift 0) initializes.
-      for (int64_t j = s.taps - 1; j >= 0; --j) {
-        const int64_t shift = s.shift(j), last = std::min(t1, s.length - shift);
-        if (last <= t0) continue;
-        const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
-        gemm<scalar_t>(true, false, cig, last - t0, cog, wj, cig, gg + t0 + shift, s.length,
-                       j == s.taps - 1 ? scalar_t(0) : scalar_t(1), dxg + t0, s.length);
-      }
+      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] (G past T is 0).
+      kernel.run(dx_product, t0, t1);
       // dW_j += G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
       for (int64_t j = 0; j < s.taps; ++j) {
         const int64_t shift = s.shift(j), first = std::max(t0, shift);
@@ -358,9 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
                          grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
       return;
     }
-    const at::Tensor w_taps = taps_first(weight);
-    at::Tensor dw_taps = at::empty_like(w_taps);
-    dense_backward(s, g, x, w_taps.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+    at::Tensor dw_taps = at::empty({s.taps, s.out_channels, s.in_per_group()}, weight.options());
+    dense_backward(s, g, x, weight.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
                    dw_taps.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
     grad_weight.copy_(dw_taps.permute({1, 2, 0}));
   });
