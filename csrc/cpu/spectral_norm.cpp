@@ -47,9 +47,11 @@ namespace cpu {
 namespace {
 
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
-// W elements per parallel block, and per thread of W / σ: 2 threads from 128×1024 up (each thread's half
-// of W then stays in its own core's L2 from the power iteration to W / σ), one below.
-constexpr int64_t kBlockElements = 1 << 16;
+// W elements per parallel block, and per thread of W / σ: a W up to 1 MiB (SN-GAN's weights up to
+// 256×2048 in fp32) stays on one thread. Two threads made 128×1024 faster on an idle 2-core machine,
+// but each parallel region is a join that waits on a thread the OS may have descheduled: on a loaded
+// machine, steps of 128×1024 then took tens of milliseconds, where a single thread takes tens of µs.
+constexpr int64_t kBlockElements = 1 << 18;
 constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
