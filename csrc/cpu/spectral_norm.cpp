@@ -475,10 +475,18 @@ Normalized step_on_buffers(const at::Tensor& weight, const at::Tensor& u, const 
 // W / σ with its autograd node. What ∂L/∂W reads is saved: W (the parameter, alive anyway) and the
 // step's own u, v and σ, not the buffers: a later step may overwrite the buffers before backward (D(real)
 // and D(fake) in one GAN loss), as torch's clones guard against too.
+// The buffers reach forward inside a struct, not as tensor arguments: they are not differentiable, and
+// Function::apply would otherwise record, edge and scan each as an input of the node.
+struct Buffers {
+  const at::Tensor& u;
+  const at::Tensor& v;
+};
+
 class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
  public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u,
-                            const at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps, bool training) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const Buffers& buffers,
+                            int64_t dim, int64_t n_power_iterations, double eps, bool training) {
+    const at::Tensor &u = buffers.u, &v = buffers.v;
     Normalized normalized = step_on_buffers(weight, u, v, dim, n_power_iterations, eps, training);
     // u then v in one allocation.
     const at::Tensor uv = at::empty({u.numel() + v.numel()}, weight.options());
@@ -500,7 +508,7 @@ class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
     const char* v_data = u_data + weight.size(dim) * uv.element_size();
     const at::Tensor grad_weight =
         weight_gradient(grads[0], weight, u_data, v_data, ctx->saved_data["sigma"].toDouble(), dim);
-    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -509,7 +517,7 @@ class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
 at::Tensor eager_step(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim,
                       int64_t n_power_iterations, double eps, bool training) {
   if (at::GradMode::is_enabled() && weight.requires_grad())
-    return SpectralNormStep::apply(weight, u, v, dim, n_power_iterations, eps, training);
+    return SpectralNormStep::apply(weight, Buffers{u, v}, dim, n_power_iterations, eps, training);
   return step_on_buffers(weight, u, v, dim, n_power_iterations, eps, training).weight_sn;
 }
 
