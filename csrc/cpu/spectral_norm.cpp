@@ -42,16 +42,16 @@
 #include <immintrin.h>
 #endif
 
+#include <omp.h>
+
 namespace fastdl {
 namespace cpu {
 namespace {
 
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
-// W elements per parallel block, and per thread of W / σ: a W up to 1 MiB (SN-GAN's weights up to
-// 256×2048 in fp32) stays on one thread. Two threads made 128×1024 faster on an idle 2-core machine,
-// but each parallel region is a join that waits on a thread the OS may have descheduled: on a loaded
-// machine, steps of 128×1024 then took tens of milliseconds, where a single thread takes tens of µs.
-constexpr int64_t kBlockElements = 1 << 18;
+// W elements per parallel block of the power iteration, and per thread of W / σ: two threads from
+// 128×1024 up, one below.
+constexpr int64_t kBlockElements = 1 << 16;
 constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
@@ -246,25 +246,14 @@ FASTDL_CPU_CLONES void scale_exactly(const scalar_t* x, double factor, scalar_t*
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<double>(x[i]) * factor);
 }
 
-// One power iteration: u ← normalize(W v), v ← normalize(Wᵀ u) in place; returns ‖Wᵀu‖. `partials` holds
-// row_blocks(rows, cols) · cols scalars of scratch.
+// The end of a power iteration, once u holds s = W v and partials[b · C, (b + 1) · C) the blocks' Wᵀs:
+// u ← normalize(W v), v ← normalize(Wᵀ u); returns ‖Wᵀu‖.
 template <typename scalar_t>
-double power_iteration(const scalar_t* W, int64_t rows, int64_t cols, double eps, scalar_t* u, scalar_t* v,
-                       scalar_t* partials) {
-  const int64_t blocks = row_blocks(rows, cols);
-  if (blocks == 1) {
-    // A weight this small stays on this thread, cache-resident, with no parallel region to enter.
-    power_pass(W, 0, rows, cols, v, u, partials);
-  } else {
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b)
-        power_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, v, u, partials + b * cols);
-    });
-    for (int64_t b = 1; b < blocks; ++b) add_into(partials, partials + b * cols, cols);
-  }
-  // u holds s = W v and partials t = Wᵀs here. With d_s = max(‖s‖, ε): u = s / d_s, Wᵀu = t / d_s, so
-  // ‖Wᵀu‖ = ‖t‖ / d_s and v = Wᵀu / max(‖Wᵀu‖, ε) = t / (d_s · max(‖Wᵀu‖, ε)): one pass over t for its
-  // norm, one to write v.
+double finish_iteration(int64_t rows, int64_t cols, int64_t blocks, double eps, scalar_t* u, scalar_t* v,
+                        scalar_t* partials) {
+  for (int64_t b = 1; b < blocks; ++b) add_into(partials, partials + b * cols, cols);  // in block order
+  // With t = Wᵀs and d_s = max(‖s‖, ε): u = s / d_s, Wᵀu = t / d_s, so ‖Wᵀu‖ = ‖t‖ / d_s and
+  // v = Wᵀu / max(‖Wᵀu‖, ε) = t / (d_s · max(‖Wᵀu‖, ε)): one pass over t for its norm, one to write v.
   const double s_denominator = std::max(std::sqrt(squared_norm(u, rows)), eps);
   scale_exactly(u, 1.0 / s_denominator, u, rows);
   const double t_norm = std::sqrt(squared_norm(partials, cols)) / s_denominator;
@@ -323,6 +312,25 @@ struct Normalized {
 
 // The step itself: W / σ, with u_data and v_data (dense vectors of the weight's dtype, lengths H and C)
 // updated in place by the power iterations when `training`. The kernels of every entry point below.
+// A barrier for the team of a training step's parallel region. None for a single thread, which may be
+// inside someone else's parallel region: a barrier there would wait for that region's other threads.
+FASTDL_INLINE void team_barrier(int64_t threads) {
+  if (threads > 1) {
+#pragma omp barrier
+  }
+}
+
+// body(thread, threads) on each thread of a team of (at most) `threads`, or here for one thread.
+template <typename Body>
+void run_team(int64_t threads, const Body& body) {
+  if (threads == 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
 Normalized normalize_weight(const at::Tensor& weight, int64_t dim, int64_t n_power_iterations, double eps,
                             bool training, void* u_data, void* v_data) {
   // The matrix view, row-major. No copy for dim 0 (or any dim with only size-1 dims before it).
@@ -337,33 +345,51 @@ Normalized normalize_weight(const at::Tensor& weight, int64_t dim, int64_t n_pow
     scalar_t* u = static_cast<scalar_t*>(u_data);
     scalar_t* v = static_cast<scalar_t*>(v_data);
     scalar_t* y = weight_sn.mutable_data_ptr<scalar_t>();
-    if (training) {
-      // The power iteration's partial sums Wᵀs (blocks · C ≤ H · C scalars) live in W / σ's memory,
-      // written only once σ is known: a step allocates nothing but its result.
-      double t_norm = 0;
-      for (int64_t i = 0; i < n_power_iterations; ++i) t_norm = power_iteration(W, rows, cols, eps, u, v, y);
-      sigma = t_norm * t_norm / std::max(t_norm, eps);
-    } else {
-      sigma = bilinear(W, rows, cols, u, v);
-    }
-    sigma = static_cast<scalar_t>(sigma);
-    const scalar_t factor = static_cast<scalar_t>(1.0 / sigma);
+    const int64_t numel = weight.numel();
     const scalar_t* x = source.const_data_ptr<scalar_t>();
-    // Back to front: the power iteration just streamed W front to back, so its tail is still in cache.
-    // An output that fits in cache stays there for the layer that reads it next; a larger one streams.
-    const bool streaming = weight.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamingBytes;
-    const auto scale_range = [&](int64_t begin, int64_t end) {
+    // W / σ back to front: the power iteration just streamed W front to back, so its tail is still in
+    // cache. An output that fits in cache stays there for the layer that reads it next; a larger one
+    // streams.
+    const bool streaming = numel * static_cast<int64_t>(sizeof(scalar_t)) > kStreamingBytes;
+    const auto scale_range = [&](int64_t begin, int64_t end, scalar_t factor) {
       for (int64_t stop = end; stop > begin; stop -= kScaleChunk) {
         const int64_t start = std::max(begin, stop - kScaleChunk);
         if (!(streaming && scale_streaming(x + start, factor, y + start, stop - start)))
           scale(x + start, factor, y + start, stop - start);
       }
     };
-    if (weight.numel() <= kBlockElements) {
-      scale_range(0, weight.numel());
-    } else {
-      at::parallel_for(0, weight.numel(), kBlockElements, scale_range);
+    // σ is rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
+    const auto reciprocal = [](double sigma_value) { return static_cast<scalar_t>(1.0 / static_cast<scalar_t>(sigma_value)); };
+    if (!training) {
+      sigma = static_cast<scalar_t>(bilinear(W, rows, cols, u, v));
+      if (numel <= kBlockElements)
+        scale_range(0, numel, reciprocal(sigma));
+      else
+        at::parallel_for(0, numel, kBlockElements, [&](int64_t begin, int64_t end) { scale_range(begin, end, reciprocal(sigma)); });
+      return;
     }
+    // A training step is one parallel region (a single thread for a W up to kBlockElements): each
+    // thread takes a run of row blocks in the power iterations and the same part of W for W / σ, so it
+    // scales the half of W its own core's cache just read. Each region ends in a join that waits for
+    // a thread the OS may have descheduled, which on a loaded machine costs milliseconds: one region,
+    // not one per pass. The partial sums Wᵀs (blocks · C ≤ H · C scalars) live in W / σ's memory,
+    // written only once σ is known, so a step allocates nothing but its result.
+    const int64_t blocks = row_blocks(rows, cols);
+    double t_norm = 0;
+    const auto team_step = [&](int64_t thread, int64_t threads) {
+      const int64_t first = blocks * thread / threads, last = blocks * (thread + 1) / threads;
+      for (int64_t i = 0; i < n_power_iterations; ++i) {
+        for (int64_t b = first; b < last; ++b)
+          power_pass(W, block_begin(b, blocks, rows), block_begin(b + 1, blocks, rows), cols, v, u, y + b * cols);
+        team_barrier(threads);
+        if (thread == 0) t_norm = finish_iteration(rows, cols, blocks, eps, u, v, y);
+        team_barrier(threads);  // every thread now sees the new v and ‖Wᵀu‖
+      }
+      const double sigma_value = t_norm * t_norm / std::max(t_norm, eps);
+      scale_range(numel * thread / threads, numel * (thread + 1) / threads, reciprocal(sigma_value));
+    };
+    run_team(at::in_parallel_region() ? 1 : std::min<int64_t>(blocks, at::get_num_threads()), team_step);
+    sigma = static_cast<scalar_t>(t_norm * t_norm / std::max(t_norm, eps));
   });
   return {weight_sn, sigma};
 }
