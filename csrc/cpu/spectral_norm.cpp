@@ -49,9 +49,12 @@ namespace cpu {
 namespace {
 
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
-// W elements per parallel block of the power iteration, and per thread of W / σ: two threads from
-// 128×1024 up, one below.
-constexpr int64_t kBlockElements = 1 << 16;
+// W elements per parallel block of the power iteration, and per thread of W / σ: a W up to 1 MiB in
+// fp32 (SN-GAN's weights up to 256×2048) stays on one thread. Two threads made 128×1024 about 15%
+// faster when the 2-core machine was quiet, but every synchronization of a parallel region waits for a
+// thread the OS may have descheduled: on the loaded machine a step of 128×1024 then took milliseconds
+// where one thread takes tens of microseconds.
+constexpr int64_t kBlockElements = 1 << 18;
 constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
@@ -368,12 +371,12 @@ Normalized normalize_weight(const at::Tensor& weight, int64_t dim, int64_t n_pow
         at::parallel_for(0, numel, kBlockElements, [&](int64_t begin, int64_t end) { scale_range(begin, end, reciprocal(sigma)); });
       return;
     }
-    // A training step is one parallel region (a single thread for a W up to kBlockElements): each
-    // thread takes a run of row blocks in the power iterations and the same part of W for W / σ, so it
-    // scales the half of W its own core's cache just read. Each region ends in a join that waits for
-    // a thread the OS may have descheduled, which on a loaded machine costs milliseconds: one region,
-    // not one per pass. The partial sums Wᵀs (blocks · C ≤ H · C scalars) live in W / σ's memory,
-    // written only once σ is known, so a step allocates nothing but its result.
+    // A training step is one parallel region (none for a W up to kBlockElements, which stays on this
+    // thread, cache-resident): each thread takes a run of row blocks in the power iterations and the
+    // same part of W for W / σ, so it scales the part of W its own core's cache just read; one region
+    // rather than one per pass, since each synchronization may wait for a descheduled thread. The
+    // partial sums Wᵀs (blocks · C ≤ H · C scalars) live in W / σ's memory, written only once σ is
+    // known, so a step allocates nothing but its result.
     const int64_t blocks = row_blocks(rows, cols);
     double t_norm = 0;
     const auto team_step = [&](int64_t thread, int64_t threads) {
