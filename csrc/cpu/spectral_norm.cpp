@@ -362,13 +362,16 @@ Normalized normalize_weight(const at::Tensor& weight, int64_t dim, int64_t n_pow
       }
     };
     // σ is rounded to the weight's dtype first, as torch's σ is a tensor of that dtype.
-    const auto reciprocal = [](double sigma_value) { return static_cast<scalar_t>(1.0 / static_cast<scalar_t>(sigma_value)); };
+    const auto reciprocal = [](double sigma_value) {
+      return static_cast<scalar_t>(1.0 / static_cast<scalar_t>(sigma_value));
+    };
     if (!training) {
       sigma = static_cast<scalar_t>(bilinear(W, rows, cols, u, v));
+      const scalar_t factor = reciprocal(sigma);
       if (numel <= kBlockElements)
-        scale_range(0, numel, reciprocal(sigma));
+        scale_range(0, numel, factor);
       else
-        at::parallel_for(0, numel, kBlockElements, [&](int64_t begin, int64_t end) { scale_range(begin, end, reciprocal(sigma)); });
+        at::parallel_for(0, numel, kBlockElements, [&](int64_t begin, int64_t end) { scale_range(begin, end, factor); });
       return;
     }
     // A training step is one parallel region (none for a W up to kBlockElements, which stays on this
