@@ -339,3 +339,28 @@ def test_weight_under_no_grad_and_inference_mode(mode):
     assert not actual.requires_grad
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_sn_state(ours)[0]._u, _sn_state(theirs)[0]._u, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_shortcut_leaves_fake_tensors_and_dispatch_modes_to_the_custom_op():
+    # The native eager step bypasses the dispatcher; what needs the dispatcher must reach the custom op.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    module = spectral_norm(nn.Linear(6, 5))
+    with fastdl.backend("native"):
+        with Recorder() as recorder:
+            module.weight  # noqa: B018
+        assert "fastdl.spectral_normalize.default" in recorder.ops
+        with FakeTensorMode():
+            weight, u, v = torch.randn(5, 6), torch.randn(5), torch.randn(6)
+            weight_sn, new_u, new_v = spectral_normalize(weight, u, v)
+        assert isinstance(weight_sn, FakeTensor) and weight_sn.shape == (5, 6) and new_v.shape == (6,)

@@ -28,7 +28,7 @@ Layers: kernels in ``csrc/cpu/spectral_norm.cpp``, ``csrc/cuda/spectral_norm.cu`
 ``fastdl::spectral_normalize_backward`` (fake kernels and autograd included, so
 ``torch.compile(fullgraph=True)`` keeps them whole), backend selection, the functional and the
 parametrization. Eager calls on the native CPU backend take a shortcut around the custom op's Python
-overhead, ``fastdl::spectral_norm_step`` (see :func:`_eager_native`).
+overhead and the dispatcher's, ``_eager_step`` (see :func:`_eager_native`).
 
 Autograd saves W (the parameter, alive anyway, so this costs no memory), the updated u and v and the
 0-dim σ: exactly what the gradient formula reads. σ is saved rather than rebuilt because rebuilding it
@@ -36,11 +36,14 @@ is another reduction over W.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
+from .. import _extension
 from .._backends import get_backend, standard_kernels
 from .._layout import in_format, preserved_format
 
@@ -149,18 +152,30 @@ def _backward(ctx, grad_output: Tensor, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _load_eager_step():
+    """The native eager step, ``eager_step_python`` of csrc/cpu/spectral_norm.cpp: a builtin function that
+    skips the dispatcher (see :func:`_eager_native`), fetched from fastdl._C through its one exported C
+    symbol."""
+    getter = ctypes.PyDLL(_extension._C.__file__).fastdl_spectral_norm_eager_step
+    getter.restype = ctypes.py_object
+    return getter()
+
+
+_eager_step = _load_eager_step() if _extension.LOAD_ERROR is None else None
 _EAGER_NATIVE: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _eager_native(weight: Tensor) -> bool:
-    """Whether a step on ``weight`` runs as ``fastdl::spectral_norm_step``, the native CPU step with its
-    autograd node in C++. ``torch.library.custom_op`` spends ~35 µs of Python per call (argument
-    re-packing, its generated autograd.Function, the dynamo guard around the implementation): several
-    times the kernels themselves for SN-GAN-sized weights. Eager calls that would run the native CPU
-    kernels thus skip it; traced code (torch.compile, export), CUDA and the other backends go through
+    """Whether a step on ``weight`` may run as ``_eager_step``, the native CPU step with its autograd node
+    in C++, called without the dispatcher. ``torch.library.custom_op`` spends ~35 µs of Python per call
+    (argument re-packing, its generated autograd.Function, the dynamo guard around the implementation)
+    and even a plain ``torch.ops`` call ~2.5 µs: several times, and a tenth of, the kernels themselves for
+    SN-GAN-sized weights. Eager calls that would run the native CPU kernels thus skip them; traced code
+    (torch.compile, export), CUDA, the other backends, and what ``_eager_step`` declines (tensor
+    subclasses such as fake tensors, active torch-function or dispatch modes) go through
     ``fastdl::spectral_normalize``. Kernels, saved tensors and gradient are the same either way.
     """
-    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+    if not weight.is_cpu or torch.compiler.is_compiling():
         return False
     # For CPU tensors the selection depends only on the backend in force and the dtype: it is cached,
     # since running it costs as much as the kernels for small weights.
@@ -230,8 +245,9 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
     eps, training = float(eps), bool(training)
     if _eager_native(weight):
         new_u, new_v = (u.detach().clone(), v.detach().clone()) if training else (u, v)
-        weight_sn = torch.ops.fastdl.spectral_norm_step(weight, new_u, new_v, dim, n_power_iterations, eps, training)
-        return weight_sn, new_u, new_v
+        weight_sn = _eager_step(weight, new_u, new_v, dim, n_power_iterations, eps, training)
+        if weight_sn is not NotImplemented:
+            return weight_sn, new_u, new_v
     weight_sn, new_u, new_v, _ = _forward_op(weight, u, v, dim, n_power_iterations, eps, training)
     return (weight_sn, new_u, new_v) if training else (weight_sn, u, v)
 
@@ -247,15 +263,20 @@ class _SpectralNorm(parametrizations._SpectralNorm):
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
+        # The buffers straight from _buffers: nn.Module.__getattr__ would cost a microsecond for the two,
+        # a tenth of a small weight's whole step. (torch's constructor checked dim, n_power_iterations and
+        # eps once; the C++ step checks shapes and dtypes, at no measurable cost.)
+        u, v = self._buffers["_u"], self._buffers["_v"]
         if _eager_native(weight):  # updates _u and _v in place itself
-            return torch.ops.fastdl.spectral_norm_step(weight, self._u, self._v, self.dim, self.n_power_iterations,
-                                                       self.eps, self.training)
-        weight_sn, u, v, _ = _forward_op(weight, self._u, self._v, self.dim, self.n_power_iterations, float(self.eps),
-                                         self.training)
+            weight_sn = _eager_step(weight, u, v, self.dim, self.n_power_iterations, self.eps, self.training)
+            if weight_sn is not NotImplemented:
+                return weight_sn
+        weight_sn, new_u, new_v, _ = _forward_op(weight, u, v, self.dim, self.n_power_iterations, float(self.eps),
+                                                 self.training)
         if self.training:
             # In place, as torch does, so that DataParallel replicas update the original module's buffers.
-            self._u.copy_(u)
-            self._v.copy_(v)
+            u.copy_(new_u)
+            v.copy_(new_v)
         return weight_sn
 
 
