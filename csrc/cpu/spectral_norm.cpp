@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../python_functions.h"
 #include "common.h"
 
 #if defined(__x86_64__)
@@ -582,19 +583,22 @@ PyObject* eager_step_python(PyObject* /*self*/, PyObject* const* args, Py_ssize_
   END_HANDLE_TH_ERRORS
 }
 
+// fastdl._C.spectral_norm_eager_step (see python_functions.h): a METH_FASTCALL builtin, not a pybind11
+// function, so that declining a call (NotImplemented) costs no argument conversion.
+const PythonFunctions registered([](PyObject* module) {
+  static PyMethodDef definition = {
+      "spectral_norm_eager_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&eager_step_python)),
+      METH_FASTCALL, "fastdl's eager spectral-norm step on a parametrization's buffers (see csrc/cpu/spectral_norm.cpp)"};
+  PyObject* function = PyCFunction_New(&definition, nullptr);
+  if (function == nullptr) return -1;
+  const int status = PyModule_AddObjectRef(module, definition.ml_name, function);
+  Py_DECREF(function);
+  return status;
+});
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastdl
-
-// How Python gets eager_step_python: a new reference to it as a builtin function, fetched once through
-// ctypes (fastdl/ops/spectral_norm.py). fastdl._C's module init (csrc/module.cpp) is shared by every op
-// and lists no functions; this keeps the op's entry point in the op's own file.
-extern "C" __attribute__((visibility("default"))) PyObject* fastdl_spectral_norm_eager_step() {
-  static PyMethodDef definition = {
-      "spectral_norm_eager_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fastdl::cpu::eager_step_python)),
-      METH_FASTCALL, "fastdl's eager spectral-norm step on a parametrization's buffers (see csrc/cpu/spectral_norm.cpp)"};
-  return PyCFunction_New(&definition, nullptr);
-}
 
 TORCH_LIBRARY_FRAGMENT(fastdl, m) {
   m.def(

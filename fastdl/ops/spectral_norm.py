@@ -36,8 +36,6 @@ is another reduction over W.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,16 +150,9 @@ def _backward(ctx, grad_output: Tensor, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _load_eager_step():
-    """The native eager step, ``eager_step_python`` of csrc/cpu/spectral_norm.cpp: a builtin function that
-    skips the dispatcher (see :func:`_eager_native`), fetched from fastdl._C through its one exported C
-    symbol."""
-    getter = ctypes.PyDLL(_extension._C.__file__).fastdl_spectral_norm_eager_step
-    getter.restype = ctypes.py_object
-    return getter()
-
-
-_eager_step = _load_eager_step() if _extension.LOAD_ERROR is None else None
+# The native eager step, ``eager_step_python`` of csrc/cpu/spectral_norm.cpp: a builtin function that skips
+# the dispatcher (see :func:`_eager_native`).
+_eager_step = _extension._C.spectral_norm_eager_step if _extension.LOAD_ERROR is None else None
 _EAGER_NATIVE: dict[tuple[str, torch.dtype], bool] = {}
 
 
