@@ -200,7 +200,7 @@ def test_opcheck(backend, use_backend):
                               (out, q.detach(), k.detach(), v.detach(), mask, out, lse, 0.2, False, 0.25, seed, True))
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_packed_opcheck(backend, use_backend):
     """The packed self-attention ops on a (B, 3, H, N, D) view of a (B, N, 3·H·D) projection."""
     qkv = torch.randn(2, 5, 3, 2, 8).permute(0, 2, 3, 1, 4).requires_grad_()
@@ -373,6 +373,19 @@ def test_multihead_attention_fp32_onednn_projections(construct, attention):
     for i, (a, e) in enumerate(zip(grads, grads_t)):
         assert a.dtype == torch.float32
         assert_close(a, e, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 16), (4, 0, 16)], ids=["empty-sequence", "empty-batch"])
+def test_multihead_attention_fp32_empty(shape):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(16, 4)
+    ours = MultiheadAttention(16, 4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    out, _ = ours(x, x, x, need_weights=False)
+    assert out.shape == theirs(x, x, x, need_weights=False)[0].shape
+    out.sum().backward()
+    assert torch.equal(ours.in_proj_weight.grad, torch.zeros_like(ours.in_proj_weight))
 
 
 def test_projection_opcheck():

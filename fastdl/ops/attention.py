@@ -26,8 +26,11 @@ reaches the ops as a 0-d int64 tensor (read inside the op, not with ``.item()`` 
 
 Layers: kernels in ``csrc/cpu/attention.cpp``, ``csrc/cuda/attention.cu`` and ``triton_kernels/attention.py``;
 here the ``torch.library`` ops ``fastdl::attention_forward`` and ``fastdl::attention_backward`` on canonical
-4-D tensors (fake kernels and autograd included), the broadcasting that brings any input torch accepts to
-that form, backend selection, the functional and the module.
+4-D tensors (fake kernels and autograd included), their packed self-attention twins
+``fastdl::attention_packed_forward``/``_backward`` (q, k, v and their gradient as views of one projection),
+``fastdl::attention_projection``/``_backward`` (the module's linear layers on oneDNN for fp32 CPU), the
+broadcasting that brings any input torch accepts to the canonical form, backend selection, the functional
+and the module.
 """
 from __future__ import annotations
 
@@ -458,26 +461,28 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 # The module's projections on CPU: oneDNN GEMMs.
 #
 # At the module's sizes the four projections cost twice the attention itself in flops. For fp32 on CPU,
-# torch's F.linear goes to MKL, which on the AMD machines this project is measured on runs its generic
-# kernels; oneDNN's JIT GEMM (reached through torch's own ``mkldnn._linear_pointwise``, the op Inductor
-# uses for CPU linears) runs the same (2048 × 512)·(512 × 1536) products about 1.4× faster and adds the
-# bias in the GEMM's epilogue instead of a separate broadcast copy. The weights are passed in their plain
-# layout, so no reordered copy has to be kept in sync with parameters the optimizer changes.
+# torch's F.linear goes to MKL; oneDNN's JIT GEMM (reached through torch's own
+# ``mkldnn._linear_pointwise``, the op Inductor uses for CPU linears) ran the (2048 × 512)·(512 × 1536)
+# product and g·W in 12% less CPU time on one core of the AMD test machine (≈101 vs 89 GFLOP/s; with two
+# threads on the shared machine the gap was larger), and it adds the bias in the GEMM's epilogue instead
+# of a separate broadcast copy. The weights are passed in their plain layout, so no reordered copy has to
+# be kept in sync with parameters the optimizer changes.
 
 
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
 
 
 def _onednn_projection_usable(input: Tensor, weight: Tensor) -> bool:
-    """Whether the projection runs on oneDNN: fp32 CPU tensors, with oneDNN built and enabled
-    (``torch.backends.mkldnn``). It is torch's own GEMM library, so fastdl's backend choice, which picks
-    among the attention kernels, does not apply."""
+    """Whether the projection runs on oneDNN: non-empty fp32 CPU tensors (oneDNN rejects empty
+    products), with oneDNN built and enabled (``torch.backends.mkldnn``). It is torch's own GEMM library,
+    so fastdl's backend choice, which picks among the attention kernels, does not apply."""
     return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32
-            and _ONEDNN_BUILT and torch.backends.mkldnn.enabled)
+            and input.numel() > 0 and weight.numel() > 0 and _ONEDNN_BUILT and torch.backends.mkldnn.enabled)
 
 
 def _onednn_matmul(left: Tensor, right_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """left (M, K) · right_t (N, K)ᵀ (+ bias) on oneDNN; any strides (oneDNN reads them as given)."""
+    """left (M, K) · right_t (N, K)ᵀ (+ bias) on oneDNN. right_t may have any strides; a non-contiguous
+    left is first copied contiguous by torch's entry point."""
     return torch.ops.mkldnn._linear_pointwise(left, right_t, bias, "none", [], "")
 
 
@@ -541,7 +546,7 @@ _projection_op.register_autograd(_projection_backward, setup_context=_projection
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear, on oneDNN where that is faster (see above)."""
+    """F.linear, on oneDNN for fp32 CPU tensors (see above)."""
     if _onednn_projection_usable(input, weight):
         return _projection_op(input, weight, bias)
     return F.linear(input, weight, bias)
