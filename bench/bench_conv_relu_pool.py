@@ -2,8 +2,9 @@
 ConvReLUPool2d on each backend, forward and forward+backward, on the blocks of AlexNet (conv1, conv2 with
 its two groups, conv5) and VGG16 (first and last block).
 
-What each fastdl backend runs: native CPU = oneDNN convolution (channels-last) + one fused C++ pass for
-bias, ReLU, pool and argmax; native CUDA = cuDNN convolution + one fused CUDA epilogue kernel; triton =
+What each fastdl backend runs: native CPU = oneDNN convolution + one fused C++ pass for bias, ReLU, pool
+and argmax, and in backward a sparse convolution backward from the argmax (oneDNN's dense one where the
+filters outgrow the cache: VGG16 block 5); native CUDA = cuDNN convolution + one fused CUDA epilogue kernel; triton =
 an implicit-GEMM convolution with bias, ReLU and pooling in its epilogue (the conv output is never stored). The first layer's input needs no gradient in
 training (it is the image), so the conv1 forward+backward cases differentiate the parameters only; the
 others differentiate the input too. The notes give what autograd keeps for backward (MB, all saved

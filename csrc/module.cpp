@@ -1,7 +1,19 @@
 // fastdl._C: the compiled kernels. Importing the module runs the static TORCH_LIBRARY registrations of
 // every csrc/cpu/*.cpp and csrc/cuda/*.cpp linked into it; the ops are then reached through
-// torch.ops.fastdl.*, so this module itself only tells Python how it was built.
+// torch.ops.fastdl.*. The module itself tells Python how it was built and holds the few functions ops
+// expose outside the dispatcher (see python_functions.h).
 #include <Python.h>
+
+#include "python_functions.h"
+
+namespace fastdl {
+
+std::vector<AddPythonFunctions>& python_function_adders() {
+  static std::vector<AddPythonFunctions> adders;  // filled by static initializers, before PyInit__C
+  return adders;
+}
+
+}  // namespace fastdl
 
 static struct PyModuleDef fastdl_c_module = {
     PyModuleDef_HEAD_INIT, "_C", "fastdl's compiled kernels (reached through torch.ops.fastdl)", -1, nullptr,
@@ -18,6 +30,12 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (PyModule_AddIntConstant(module, "built_with_cuda", with_cuda) != 0) {
     Py_DECREF(module);
     return nullptr;
+  }
+  for (const fastdl::AddPythonFunctions add : fastdl::python_function_adders()) {
+    if (add(module) != 0) {
+      Py_DECREF(module);
+      return nullptr;
+    }
   }
   return module;
 }

@@ -67,6 +67,17 @@ def test_matches_torch(backend, device, dtype, batch, cin, cout, length, k, dila
     _check(backend, device, dtype, x, w, b, dilation, groups, use_backend)
 
 
+# Long enough for the native CPU dense kernels' structure and its edges: several register-tile row blocks
+# with a partial last one, whole and cut-short tiles, sources reaching before 0 (forward) and past T (∂x),
+# more than one 1024-step time chunk. Native only: the Triton interpreter would take minutes here.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("batch,cin,cout,length,k,dilation,groups",
+                         [(2, 20, 13, 1100, 3, 5, 1), (1, 12, 18, 300, 2, 64, 2)], ids=lambda v: str(v))
+def test_native_long_sequences(dtype, batch, cin, cout, length, k, dilation, groups, use_backend):
+    x, w, b = _operands(batch, cin, cout, length, k, groups, seed=12)
+    _check("native", "cpu", dtype, x, w, b, dilation, groups, use_backend)
+
+
 @pytest.mark.parametrize("backend,device,dtype", FP32_CASES)
 def test_without_bias_and_non_contiguous_input(backend, device, dtype, use_backend):
     x, w, _ = _operands(2, 6, 4, 15, 3, 2, seed=3, bias=False)

@@ -6,9 +6,9 @@
 //
 // The causal window is read in place. Per group, tap j is one matrix product on shifted column ranges
 // of the unpadded rows:   Y[:, s_j:T] += W_j · X[:, 0:T−s_j]   (W_j = w[:, :, j], C_out/g × C_in/g)
-// so the dense path is k GEMMs per (image, group, time chunk) through ATen's BLAS with leading dimension
-// T: no padded copy of x, no over-long output to chomp, and the FLOPs are exactly the useful ones. Tap
-// k−1 (shift 0) covers every column, so it goes first and initializes the output (beta = 0).
+// The dense forward and ∂x sum these products in a direct register-tiled kernel (see "shifted matrix
+// products"), ∂w is one GEMM per tap through ATen's BLAS with leading dimension T: no padded copy of x,
+// no over-long output to chomp, and the FLOPs are exactly the useful ones.
 //
 // Depthwise layers (one input channel per group) are k multiply-adds per output: a vectorized sweep
 // along time, with kernel sizes 2 and 3 (WaveNet, TCN) fused into one pass, any other k one pass per tap.
@@ -18,6 +18,7 @@
 //
 // Streaming step: x at step t sits in ring slot t mod (R + 1), R = d·(k − 1), buffer (N, R + 1, C_in).
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -28,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../python_functions.h"
 #include "common.h"
 
 namespace fastdl {
@@ -109,8 +111,6 @@ void for_each_task(int64_t tasks, const Fn& fn) {
   });
 }
 
-// w (C_out, C_in/g, k) → (k, C_out, C_in/g): each tap's matrix contiguous, as the GEMMs want it.
-at::Tensor taps_first(const at::Tensor& weight) { return weight.permute({2, 0, 1}).contiguous(); }
 
 // ------------------------------------------------------------------------------------- depthwise sweeps
 
@@ -147,9 +147,10 @@ FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* 
   }
 }
 
-// Σ_{t < count} term(t) in kLanes interleaved partial sums added up in a fixed order at the end: GCC
-// vectorizes this (a single running float sum it may not reorder, so it would not), and the order, hence
-// the result, is the same on every run and every CPU.
+// Σ_{t < count} term(t) in kLanes interleaved partial sums, added up at the end by halving (lane l plus
+// lane l + width, width = kLanes/2 … 1): GCC vectorizes both the sweep (a single running float sum it may
+// not reorder, so it would not) and the final tree, which matters when count is short (a streaming step's
+// dot products are ~100 long). The order, hence the result, is the same on every run.
 constexpr int64_t kLanes = 16;
 
 template <typename scalar_t, typename Term>
@@ -159,9 +160,9 @@ FASTDL_INLINE scalar_t sum_in_lanes(int64_t count, Term term) {
   for (; t + kLanes <= count; t += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(t + l);
   for (int64_t l = 0; t + l < count; ++l) lanes[l] += term(t + l);
-  scalar_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
 }
 
 // dx[t] += Σ_j w[j]·g[t + s_j] (t + s_j < T); dw[j] += Σ_{t ≥ s_j} g[t]·x[t − s_j]; db += Σ_t g[t].
@@ -180,31 +181,199 @@ FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t*
   }
 }
 
+// ---------------------------------------------------------------------------- shifted matrix products
+//
+// The dense forward and ∂x are both, per (image, group), a sum over taps of a small matrix times column-
+// shifted rows:
+//     out[r, t] = init[r] + Σ_j Σ_c P_j[r, c] · src[c, t + offset_j]        (src outside [0, T) reads 0)
+//   forward: src = x, P_j = W_j   (C_out/g × C_in/g), offset_j = −s_j, init = bias
+//   ∂x:      src = g, P_j = W_jᵀ  (C_in/g × C_out/g), offset_j = +s_j, init = 0
+// One BLAS GEMM per tap would pack the strided src rows again for every call, zero or rescale out
+// between taps and leave the bias to another pass over out. This kernel reads src in place instead and
+// keeps a tile of kRows outputs × kVectors vectors of consecutive steps in registers over every tap and
+// channel, so each output is written once, bias included. The tile's shape is picked per instruction set
+// (register count and vector width), hence explicit per-ISA instantiations rather than FASTDL_CPU_CLONES,
+// whose clones all share one source and so one tile shape.
+
+// P_j of every group, laid out for the tile kernel: per group, per block of block_rows output rows, per
+// tap, per input row c, the block's block_rows coefficients side by side (zeros past the last row, so a
+// partial block runs the same code). `transposed` selects P_j = W_jᵀ (∂x) over P_j = W_j (forward).
+template <typename scalar_t>
+std::vector<scalar_t> pack_blocks(const scalar_t* w, const Shape& s, bool transposed, int64_t block_rows) {
+  const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const int64_t rows = transposed ? cig : cog, columns = transposed ? cog : cig;
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  std::vector<scalar_t> packed(s.groups * blocks * s.taps * columns * block_rows, scalar_t(0));
+  scalar_t* out = packed.data();
+  for (int64_t group = 0; group < s.groups; ++group)
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int64_t j = 0; j < s.taps; ++j)
+        for (int64_t c = 0; c < columns; ++c)
+          for (int64_t r = block * block_rows; r < (block + 1) * block_rows; ++r, ++out) {
+            if (r >= rows) continue;
+            const int64_t o = group * cog + (transposed ? c : r), i = transposed ? r : c;
+            *out = w[(o * cig + i) * s.taps + j];
+          }
+  return packed;
+}
+
+// One (image, group) of a shifted product: src (columns, T) and out (rows, T) rows of length T.
+template <typename scalar_t>
+struct ShiftedProduct {
+  const scalar_t* src;
+  scalar_t* out;
+  const scalar_t* packed;  // this group's pack_blocks
+  const scalar_t* init;    // rows values, or nullptr for zeros
+  const int64_t* offsets;  // per tap
+  int64_t length, rows, columns, taps;
+};
+
+// A GCC vector of kBytes / sizeof(scalar_t) lanes (the attribute needs a non-dependent element type).
+template <typename scalar_t, int kBytes>
+struct Vector;
+template <int kBytes>
+struct Vector<float, kBytes> {
+  typedef float type __attribute__((vector_size(kBytes)));
+};
+template <int kBytes>
+struct Vector<double, kBytes> {
+  typedef double type __attribute__((vector_size(kBytes)));
+};
+
+// out tile (kRows × kVectors vectors) = init + Σ_j Σ_c coefficients · sources[j][c·stride …]; stores the
+// first rows_valid rows.
+template <typename scalar_t, int kRows, int kVectors, int kBytes>
+FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, int64_t taps, int64_t columns,
+                                const scalar_t* coefficients, const scalar_t* init, int64_t rows_valid, scalar_t* out,
+                                int64_t out_stride) {
+  using vec = typename Vector<scalar_t, kBytes>::type;
+  constexpr int kLanes = kBytes / sizeof(scalar_t);
+  vec acc[kRows][kVectors];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    const scalar_t value = init != nullptr && r < rows_valid ? init[r] : scalar_t(0);
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = vec{} + value;
+  }
+  for (int64_t j = 0; j < taps; ++j) {
+    const scalar_t* src = sources[j];
+    const scalar_t* coefficient = coefficients + j * columns * kRows;
+    for (int64_t c = 0; c < columns; ++c, src += stride, coefficient += kRows) {
+      vec x[kVectors];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) std::memcpy(&x[v], src + v * kLanes, kBytes);
+#pragma GCC unroll 16
+      for (int r = 0; r < kRows; ++r) {
+        const vec w = coefficient[r] - vec{};  // a broadcast (x − 0 is x exactly, so GCC drops the subtraction)
+#pragma GCC unroll 4
+        for (int v = 0; v < kVectors; ++v) acc[r][v] += w * x[v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r)
+    if (r < rows_valid)
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) std::memcpy(out + r * out_stride + v * kLanes, &acc[r][v], kBytes);
+}
+
+// Columns [begin, end) of a shifted product, one tile width at a time, every row block per tile. Each
+// tile's src columns are first copied into a contiguous (taps, columns, tile width) block: read in place,
+// rows T apart (a multiple of 4 KiB for the usual lengths) all fall in the same L1 sets and evict each
+// other before the next row block reads them again; the copy stays in L1 across the blocks. The copy
+// also supplies the zeros where src reaches outside [0, T) (the causal head of the forward, the tail of
+// ∂x), and a tile cut short by `end` is written through a small buffer.
+template <typename scalar_t, int kRows, int kVectors, int kBytes>
+FASTDL_INLINE void shifted_product(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
+  constexpr int64_t kColumns = kVectors * (kBytes / sizeof(scalar_t));
+  const int64_t blocks = (p.rows + kRows - 1) / kRows, block_size = p.taps * p.columns * kRows;
+  std::vector<const scalar_t*> sources(p.taps);
+  std::vector<scalar_t> staged_src(p.taps * p.columns * kColumns), staged_out(kRows * kColumns);
+  for (int64_t j = 0; j < p.taps; ++j) sources[j] = staged_src.data() + j * p.columns * kColumns;
+  for (int64_t t0 = begin; t0 < end; t0 += kColumns) {
+    const int64_t width = std::min(kColumns, end - t0);
+    for (int64_t j = 0; j < p.taps; ++j) {
+      scalar_t* stage = staged_src.data() + j * p.columns * kColumns;
+      const int64_t first = t0 + p.offsets[j];
+      if (width == kColumns && first >= 0 && first + kColumns <= p.length) {
+        // A constant-size memcpy: inlined as a few vector moves (std::copy_n became a libc memmove call).
+        for (int64_t c = 0; c < p.columns; ++c)
+          std::memcpy(stage + c * kColumns, p.src + c * p.length + first, kColumns * sizeof(scalar_t));
+        continue;
+      }
+      for (int64_t c = 0; c < p.columns; ++c)
+        for (int64_t u = 0; u < kColumns; ++u) {
+          const int64_t t = first + u;
+          stage[c * kColumns + u] = u < width && t >= 0 && t < p.length ? p.src[c * p.length + t] : scalar_t(0);
+        }
+    }
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t row0 = block * kRows, rows_valid = std::min<int64_t>(kRows, p.rows - row0);
+      const scalar_t* init = p.init != nullptr ? p.init + row0 : nullptr;
+      const bool whole = width == kColumns;
+      product_tile<scalar_t, kRows, kVectors, kBytes>(sources.data(), kColumns, p.taps, p.columns,
+                                                      p.packed + block * block_size, init, rows_valid,
+                                                      whole ? p.out + row0 * p.length + t0 : staged_out.data(),
+                                                      whole ? p.length : kColumns);
+      if (!whole)
+        for (int64_t r = 0; r < rows_valid; ++r)
+          std::copy_n(staged_out.data() + r * kColumns, width, p.out + (row0 + r) * p.length + t0);
+    }
+  }
+}
+
+// Tile shapes: accumulators plus the src vectors and a broadcast weight fit the register file (AVX-512:
+// 16 of 32 zmm; AVX2: 12 of 16 ymm; SSE2: 8 of 16 xmm), with enough independent accumulators to cover
+// the FMA latency.
+template <typename scalar_t>
+__attribute__((target("avx512f,fma"))) void shifted_product_avx512(const ShiftedProduct<scalar_t>& p, int64_t begin,
+                                                                   int64_t end) {
+  shifted_product<scalar_t, 8, 2, 64>(p, begin, end);
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void shifted_product_avx2(const ShiftedProduct<scalar_t>& p, int64_t begin,
+                                                              int64_t end) {
+  shifted_product<scalar_t, 6, 2, 32>(p, begin, end);
+}
+
+template <typename scalar_t>
+void shifted_product_baseline(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
+  shifted_product<scalar_t, 4, 2, 16>(p, begin, end);
+}
+
+template <typename scalar_t>
+struct ShiftedProductKernel {
+  void (*run)(const ShiftedProduct<scalar_t>&, int64_t, int64_t);
+  int64_t block_rows;  // kRows of run's tile: what pack_blocks must use
+};
+
+template <typename scalar_t>
+ShiftedProductKernel<scalar_t> shifted_product_kernel() {
+  if (__builtin_cpu_supports("avx512f")) return {shifted_product_avx512<scalar_t>, 8};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {shifted_product_avx2<scalar_t>, 6};
+  return {shifted_product_baseline<scalar_t>, 4};
+}
+
 // ------------------------------------------------------------------------------------------- forward
 
 template <typename scalar_t>
-void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w_taps, const scalar_t* bias, scalar_t* y) {
+void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/false, kernel.block_rows);
+  const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
+  std::vector<int64_t> offsets(s.taps);
+  for (int64_t j = 0; j < s.taps; ++j) offsets[j] = -s.shift(j);
   const int64_t chunks = (s.length + kTimeChunk - 1) / kTimeChunk;
   for_each_task(s.batch * s.groups * chunks, [&](int64_t task) {
     const int64_t chunk = task % chunks, group = (task / chunks) % s.groups, n = task / (chunks * s.groups);
-    const int64_t t0 = chunk * kTimeChunk, t1 = std::min(s.length, t0 + kTimeChunk);
-    const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
-    scalar_t* yg = y + (n * s.out_channels + group * cog) * s.length;
-    for (int64_t j = s.taps - 1; j >= 0; --j) {
-      // Columns t in [max(t0, s_j), t1) read x at t − s_j ≥ 0.
-      const int64_t shift = s.shift(j), first = std::max(t0, shift);
-      if (first >= t1) continue;  // the whole window is before 0; never tap k−1 (shift 0), which initializes
-      const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
-      gemm<scalar_t>(false, false, cog, t1 - first, cig, wj, cig, xg + first - shift, s.length,
-                     j == s.taps - 1 ? scalar_t(0) : scalar_t(1), yg + first, s.length);
-    }
-    if (bias != nullptr)
-      for (int64_t o = 0; o < cog; ++o) {
-        const scalar_t b = bias[group * cog + o];
-        scalar_t* row = yg + o * s.length;
-        for (int64_t t = t0; t < t1; ++t) row[t] += b;
-      }
+    const ShiftedProduct<scalar_t> product{x + (n * s.in_channels + group * cig) * s.length,
+                                           y + (n * s.out_channels + group * cog) * s.length,
+                                           packed.data() + group * group_size,
+                                           bias != nullptr ? bias + group * cog : nullptr,
+                                           offsets.data(), s.length, cog, cig, s.taps};
+    kernel.run(product, chunk * kTimeChunk, std::min(s.length, (chunk + 1) * kTimeChunk));
   });
 }
 
@@ -238,8 +407,7 @@ at::Tensor causal_conv_forward(const at::Tensor& input_, const at::Tensor& weigh
       depthwise_forward(s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                         output.mutable_data_ptr<scalar_t>());
     } else {
-      const at::Tensor w_taps = taps_first(weight);
-      dense_forward(s, input.const_data_ptr<scalar_t>(), w_taps.const_data_ptr<scalar_t>(), b,
+      dense_forward(s, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                     output.mutable_data_ptr<scalar_t>());
     }
   });
@@ -263,9 +431,14 @@ void sum_partials(const scalar_t* partials, int64_t tasks, int64_t size, scalar_
 // ∂w, ∂b terms into the task's private partial while the g and x columns are still in cache. The
 // partials are then summed in task order.
 template <typename scalar_t>
-void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w_taps, scalar_t* dx,
+void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dx,
                     scalar_t* dw_taps, scalar_t* db) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
+  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/true, kernel.block_rows);
+  const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
+  std::vector<int64_t> offsets(s.taps);
+  for (int64_t j = 0; j < s.taps; ++j) offsets[j] = s.shift(j);
   const int64_t chunks = (s.length + kWeightChunk - 1) / kWeightChunk;
   const int64_t per_group_tasks = s.batch * chunks;
   const int64_t weight_size = s.taps * cog * cig, partial_size = weight_size + cog;
@@ -277,16 +450,12 @@ void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const 
     const scalar_t* xg = x + (n * s.in_channels + group * cig) * s.length;
     scalar_t* dxg = dx + (n * s.in_channels + group * cig) * s.length;
     scalar_t* partial = partials.data() + task * partial_size;
+    const ShiftedProduct<scalar_t> dx_product{gg, dxg, packed.data() + group * group_size, nullptr, offsets.data(),
+                                              s.length, cig, cog, s.taps};
     for (int64_t t0 = begin; t0 < end; t0 += kTimeChunk) {
       const int64_t t1 = std::min(end, t0 + kTimeChunk);
-      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] for t in [t0, min(t1, T − s_j)); tap k−1 (shift 0) initializes.
-      for (int64_t j = s.taps - 1; j >= 0; --j) {
-        const int64_t shift = s.shift(j), last = std::min(t1, s.length - shift);
-        if (last <= t0) continue;
-        const scalar_t* wj = w_taps + (j * s.out_channels + group * cog) * cig;
-        gemm<scalar_t>(true, false, cig, last - t0, cog, wj, cig, gg + t0 + shift, s.length,
-                       j == s.taps - 1 ? scalar_t(0) : scalar_t(1), dxg + t0, s.length);
-      }
+      // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] (G past T is 0).
+      kernel.run(dx_product, t0, t1);
       // dW_j += G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
       for (int64_t j = 0; j < s.taps; ++j) {
         const int64_t shift = s.shift(j), first = std::max(t0, shift);
@@ -355,9 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
                          grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
       return;
     }
-    const at::Tensor w_taps = taps_first(weight);
-    at::Tensor dw_taps = at::empty_like(w_taps);
-    dense_backward(s, g, x, w_taps.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+    at::Tensor dw_taps = at::empty({s.taps, s.out_channels, s.in_per_group()}, weight.options());
+    dense_backward(s, g, x, weight.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
                    dw_taps.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
     grad_weight.copy_(dw_taps.permute({1, 2, 0}));
   });
@@ -366,60 +534,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
 
 // --------------------------------------------------------------------------------------- streaming step
 
-// y[n, o] = b[o] + Σ_j Σ_i w[o, i, j] · h_j[n, group·C_in/g + i], h_j = x_t if s_j = 0 else the ring slot
-// (t − s_j) mod (R + 1); then x_t goes into slot t mod (R + 1) (never one of the slots read: 1 ≤ s_j ≤ R).
+// y[n, o] = b[o] + Σ_i Σ_j w[o, i, j] · window[n, group(o)·C_in/g + i, j], where window[n, c, j] is channel c
+// of x at step t − s_j: x_t itself for s_j = 0, else ring slot (t − s_j) mod (R + 1). Laid out (C_in, k),
+// as the weight's (C_in/g, k) rows are, each output is one contiguous dot product of length (C_in/g)·k
+// with its weight row: the weight is read in its own layout, nothing is permuted or copied per step.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void step_output(const scalar_t* w_taps, const scalar_t* const* history, int64_t taps,
-                                   int64_t out_channels, int64_t cig, int64_t o, scalar_t bias, scalar_t* y) {
-  scalar_t acc = bias;
-  for (int64_t j = 0; j < taps; ++j) {
-    const scalar_t* wj = w_taps + (j * out_channels + o) * cig;
-    const scalar_t* h = history[j];
-    for (int64_t i = 0; i < cig; ++i) acc += wj[i] * h[i];
+FASTDL_CPU_CLONES void step_outputs(const scalar_t* window, const scalar_t* w, const scalar_t* bias,
+                                    int64_t in_channels, int64_t out_channels, int64_t taps, int64_t row_length,
+                                    int64_t out_per_group, int64_t begin, int64_t end, scalar_t* y) {
+  // (image n, output o, o's group, o's index in it) of row = n·C_out + o, advanced without divisions.
+  int64_t n = begin / out_channels, o = begin % out_channels, group = o / out_per_group, in_group = o % out_per_group;
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* w_row = w + o * row_length;
+    const scalar_t* z = window + n * in_channels * taps + group * row_length;
+    const scalar_t dot = sum_in_lanes<scalar_t>(row_length, [&](int64_t e) FASTDL_INLINE_LAMBDA { return w_row[e] * z[e]; });
+    y[row] = (bias != nullptr ? bias[o] : scalar_t(0)) + dot;
+    if (++in_group == out_per_group) in_group = 0, ++group;
+    if (++o == out_channels) o = 0, group = 0, ++n;
   }
-  *y = acc;
+}
+
+// Every check of the streaming step is here, in C++, where it costs nanoseconds: the eager fast path of
+// CausalConv1d.step calls the kernel with no Python-side validation (see fastdl/ops/causal_conv.py).
+void check_step_args(const at::Tensor& input, const at::Tensor& buffer, int64_t position, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t dilation, int64_t groups) {
+  const char* op = "causal_conv1d_step";
+  TORCH_CHECK(input.dim() == 2, op, ": input must be (batch, in_channels), got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must be (out_channels, in_channels/groups, kernel_size), got ",
+              weight.sizes());
+  TORCH_CHECK(dilation >= 1 && groups >= 1, op, ": dilation and groups must be >= 1, got ", dilation, " and ",
+              groups);
+  TORCH_CHECK(weight.size(0) % groups == 0 && weight.size(1) * groups == input.size(1), op, ": input has ",
+              input.size(1), " channels but weight ", weight.sizes(), " with groups=", groups, " expects ",
+              weight.size(1) * groups);
+  TORCH_CHECK(weight.size(2) >= 1, op, ": kernel_size must be >= 1");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), op, ": weight is ",
+              weight.scalar_type(), " on ", weight.device(), ", input is ", input.scalar_type(), " on ",
+              input.device());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type() &&
+                    bias->device() == input.device(),
+                op, ": bias must be a (", weight.size(0), ",) tensor of the input's dtype and device, got ",
+                bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  const int64_t slots = dilation * (weight.size(2) - 1) + 1;
+  TORCH_CHECK(buffer.dim() == 3 && buffer.size(0) == input.size(0) && buffer.size(1) == slots &&
+                  buffer.size(2) == input.size(1) && buffer.is_contiguous() &&
+                  buffer.scalar_type() == input.scalar_type() && buffer.device() == input.device(),
+              op, ": state buffer must be a contiguous (", input.size(0), ", ", slots, ", ", input.size(1),
+              ") tensor (batch, dilation·(kernel_size−1)+1, in_channels) of the input's dtype and device, got ",
+              buffer.sizes(), " ", buffer.scalar_type(), " on ", buffer.device(), ": make it with init_state");
+  TORCH_CHECK(position >= 0, op, ": position must be >= 0, got ", position);
 }
 
 at::Tensor causal_conv_step(const at::Tensor& input_, at::Tensor& buffer, int64_t position, const at::Tensor& weight_,
                             const std::optional<at::Tensor>& bias_, int64_t dilation, int64_t groups) {
-  TORCH_CHECK(input_.dim() == 2, "fastdl::causal_conv_step: expected input (N, C_in), got ", input_.sizes());
-  check_args(input_.unsqueeze(-1), weight_, bias_, dilation, groups, "fastdl::causal_conv_step");
-  const int64_t batch = input_.size(0), in_channels = input_.size(1), taps = weight_.size(2);
-  const int64_t slots = dilation * (taps - 1) + 1;
-  TORCH_CHECK(buffer.dim() == 3 && buffer.size(0) == batch && buffer.size(1) == slots && buffer.size(2) == in_channels &&
-                  buffer.is_contiguous() && buffer.scalar_type() == input_.scalar_type(),
-              "fastdl::causal_conv_step: buffer must be a contiguous (", batch, ", ", slots, ", ", in_channels,
-              ") tensor of the input's dtype, got ", buffer.sizes());
-  TORCH_CHECK(position >= 0, "fastdl::causal_conv_step: position must be >= 0, got ", position);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor w_taps = taps_first(weight_);
+  check_step_args(input_, buffer, position, weight_, bias_, dilation, groups);
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
   const std::optional<at::Tensor> bias = bias_.has_value() ? std::optional(bias_->contiguous()) : std::nullopt;
-  const int64_t out_channels = weight_.size(0), cig = in_channels / groups, cog = out_channels / groups;
+  const int64_t batch = input.size(0), in_channels = input.size(1), out_channels = weight.size(0);
+  const int64_t taps = weight.size(2), slots = buffer.size(1);
+  const int64_t row_length = weight.size(1) * taps;
   at::Tensor output = at::empty({batch, out_channels}, input.options());
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastdl::causal_conv_step", [&] {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "causal_conv1d_step", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* w = w_taps.const_data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ring = buffer.mutable_data_ptr<scalar_t>();
-    scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, taps * cig));
-    at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> history(taps);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / out_channels, o = row % out_channels, first_in = (o / cog) * cig;
-        for (int64_t j = 0; j < taps; ++j) {
-          const int64_t shift = dilation * (taps - 1 - j);
-          history[j] = (shift == 0 ? x + n * in_channels : ring + (n * slots + (position - shift + slots) % slots) * in_channels) + first_in;
-        }
-        step_output(w, history.data(), taps, out_channels, cig, o, b != nullptr ? b[o] : scalar_t(0), y + row);
+    // Gather the window, (N, C_in, k); small: one sample of each layer input per tap.
+    std::vector<scalar_t> window(batch * in_channels * taps);
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t j = 0; j < taps; ++j) {
+        const int64_t shift = dilation * (taps - 1 - j);
+        const scalar_t* h = shift == 0 ? x + n * in_channels
+                                       : ring + (n * slots + (position % slots - shift + slots) % slots) * in_channels;
+        scalar_t* z = window.data() + n * in_channels * taps + j;
+        for (int64_t c = 0; c < in_channels; ++c) z[c * taps] = h[c];
       }
-    });
     for (int64_t n = 0; n < batch; ++n)
       std::copy_n(x + n * in_channels, in_channels, ring + (n * slots + position % slots) * in_channels);
+    // One generation step of a WaveNet layer is a few thousand multiply-adds: below ~16k per thread the
+    // fork costs more than it saves, so small batches run on the calling thread.
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, row_length));
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
+      step_outputs(window.data(), weight.const_data_ptr<scalar_t>(), b, in_channels, out_channels, taps, row_length,
+                   out_channels / groups, begin, end, output.mutable_data_ptr<scalar_t>());
+    });
   });
   return output;
 }
+
+// fastdl._C.causal_conv_step: the same kernel called from Python without the dispatcher, for the eager
+// fast path of CausalConv1d.step (see python_functions.h and fastdl/ops/causal_conv.py). The output is a
+// new tensor outside autograd: the step is not differentiable (it is meant for generation).
+at::Tensor causal_conv_step_from_python(const at::Tensor& input, at::Tensor& buffer, int64_t position,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                        int64_t dilation, int64_t groups) {
+  TORCH_CHECK(input.is_cpu(), "causal_conv1d_step: fastdl._C.causal_conv_step takes CPU tensors, got input on ",
+              input.device());
+  return causal_conv_step(input, buffer, position, weight, bias, dilation, groups);
+}
+
+const PythonFunctions registered([](PyObject* module) {
+  try {
+    pybind11::reinterpret_borrow<pybind11::module_>(module).def(
+        "causal_conv_step", &causal_conv_step_from_python, pybind11::arg("input"), pybind11::arg("buffer"),
+        pybind11::arg("position"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("dilation"),
+        pybind11::arg("groups"),
+        "One streaming step of a causal conv layer on CPU tensors, as torch.ops.fastdl.causal_conv_step: "
+        "returns y_t (N, C_out) and writes input into ring slot position mod (R + 1) of buffer.");
+  } catch (pybind11::error_already_set& error) {
+    error.restore();
+    return -1;
+  }
+  return 0;
+});
 
 }  // namespace
 }  // namespace cpu

@@ -1,10 +1,12 @@
 // Shared by the CPU kernels: run-time instruction-set selection and vectorizable math.
 //
 // Wheels must run on any x86-64 CPU, so nothing is compiled with -march=native. Instead the hot loops of
-// each kernel sit in functions marked FASTDL_CPU_CLONES: GCC compiles one copy per listed target
-// (baseline SSE2, AVX2, AVX-512F; named by feature, not by "arch=", whose resolver matches Intel models
-// only) and an ifunc resolver picks the best one for the running CPU when
-// the library is loaded. The loops are written so that the compiler can vectorize them (no calls, no
+// each kernel sit in functions marked FASTDL_CPU_CLONES: GCC compiles one copy per listed target and an
+// ifunc resolver picks the best one for the running CPU when the library is loaded. The targets are the
+// x86-64 ISA levels (baseline SSE2; v3 = AVX2 + FMA + BMI; v4 = AVX-512 F/BW/CD/DQ/VL), which GCC ≥ 12
+// resolves by CPU feature bits, on AMD and Intel alike (CPU-model names such as "arch=haswell" would
+// match Intel models only). A clone named "avx2" alone would lack FMA, which AVX2 does not imply. Older
+// GCC falls back to the feature names. The loops are written so that the compiler can vectorize them (no calls, no
 // data-dependent branches), and every helper they call is always_inline so it is compiled for the
 // clone's target too.
 #pragma once
@@ -14,7 +16,9 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define FASTDL_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTDL_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
 #else
 #define FASTDL_CPU_CLONES

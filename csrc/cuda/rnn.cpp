@@ -1,10 +1,11 @@
 // Torch glue for the CUDA LSTM/GRU kernels in rnn.cu: checks, allocation, stream, and the time loops.
 //
-// The sequence path is the "GEMM + fused pointwise" design: per step one cuBLAS GEMM h·W_hhᵀ (through
+// The general sequence path is the "GEMM + fused pointwise" design: per step one cuBLAS GEMM h·W_hhᵀ (through
 // ATen, fp32 accumulation for fp16/bf16) and one launch of the fused cell kernel; backward through time
 // the same in reverse, with dW_hh (and dW_hr) formed after the loop as one large GEMM over all steps.
 // Bookkeeping of packed sequences (which rows run at each step, where their previous state is) follows
 // csrc/cpu/rnn.cpp; on the GPU all rows of a step go in one launch instead of one slice per CPU thread.
+// Small batches of whole sequences first try the persistent kernel (rnn.cu), one launch per layer.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -34,6 +35,12 @@ cudaError_t gru_pointwise_backward(ScalarKind kind, const void* dh, const void* 
                                    const void* h_initial, void* grad_input_gates, void* grad_hidden_gates,
                                    void* grad_h_prev, int64_t rows, int64_t continuing, int64_t hidden,
                                    cudaStream_t stream);
+// Runs a whole layer in one cooperative launch when the shape suits it (a few rows whose weights fit in
+// the GPU's shared memories); cudaErrorNotSupported means "use the GEMM + pointwise loop".
+cudaError_t persistent_layer_forward(ScalarKind kind, bool lstm, const void* input_proj, const void* h0, const void* c0,
+                                     const void* w_hh, const void* b_hh, void* output, void* saved, void* cells,
+                                     void* h_n, void* c_n, int64_t time, int64_t batch, int64_t hidden, bool reverse,
+                                     cudaStream_t stream);
 
 namespace {
 
@@ -160,7 +167,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
   const cudaStream_t stream = current_stream(proj);
   at::Tensor output = steps.allocate({T, B, P}, options), gates = steps.allocate({T, B, 4 * H}, options),
              cells = steps.allocate({T, B, H}, options);
-  at::Tensor h_n = h_init.clone(), c_n = c_init.clone(), hidden_gates = at::empty({B, 4 * H}, options);
+  at::Tensor h_n = h_init.clone(), c_n = c_init.clone();
+  if (!batch_sizes.has_value() && !w_hr.has_value()) {
+    const at::Tensor weight = w_hh.contiguous();
+    const cudaError_t status = persistent_layer_forward(
+        kind, true, proj.const_data_ptr(), h_init.const_data_ptr(), c_init.const_data_ptr(), weight.const_data_ptr(),
+        nullptr, output.mutable_data_ptr(), gates.mutable_data_ptr(), cells.mutable_data_ptr(), h_n.mutable_data_ptr(),
+        c_n.mutable_data_ptr(), T, B, H, reverse, stream);
+    if (status != cudaErrorNotSupported) {
+      check_launch(status, op);
+      return {output, h_n, c_n, gates, cells};
+    }
+  }
+  at::Tensor hidden_gates = at::empty({B, 4 * H}, options);
   at::Tensor unprojected = w_hr.has_value() ? at::empty({B, H}, options) : at::Tensor();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.at(step), active = steps.active(t);
@@ -254,7 +273,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_forward_cuda(const a
   const ScalarKind kind = scalar_kind(proj, op);
   const cudaStream_t stream = current_stream(proj);
   at::Tensor output = steps.allocate({T, B, H}, options), saved = steps.allocate({T, B, 4 * H}, options);
-  at::Tensor h_n = h_init.clone(), hidden_gates = at::empty({B, 3 * H}, options);
+  at::Tensor h_n = h_init.clone();
+  if (!batch_sizes.has_value()) {
+    const at::Tensor weight = w_hh.contiguous();
+    const std::optional<at::Tensor> bias = b_hh.has_value() ? std::optional<at::Tensor>(b_hh->contiguous()) : std::nullopt;
+    const cudaError_t status = persistent_layer_forward(
+        kind, false, proj.const_data_ptr(), h_init.const_data_ptr(), nullptr, weight.const_data_ptr(),
+        bias.has_value() ? bias->const_data_ptr() : nullptr, output.mutable_data_ptr(), saved.mutable_data_ptr(),
+        nullptr, h_n.mutable_data_ptr(), nullptr, T, B, H, reverse, stream);
+    if (status != cudaErrorNotSupported) {
+      check_launch(status, op);
+      return {output, h_n, saved};
+    }
+  }
+  at::Tensor hidden_gates = at::empty({B, 3 * H}, options);
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.at(step), active = steps.active(t);
     recurrent_gemm(steps, t, output, h_init, w_hh, b_hh, hidden_gates);

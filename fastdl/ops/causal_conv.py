@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backends import standard_kernels
+from .. import _extension
+from .._backends import get_backend, standard_kernels
 
 __all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
 
@@ -187,6 +188,39 @@ def _(input, buffer, position, weight, bias, dilation, groups):
     return input.new_empty((input.shape[0], weight.shape[0]))
 
 
+_EAGER_NATIVE_STEP: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _eager_native_step(input) -> bool:
+    """Whether a step on ``input`` runs as ``fastdl._C.causal_conv_step``: the native CPU kernel called
+    straight from Python, its argument checks in C++, its output outside autograd.
+
+    Generation runs one step per layer per sample on a few hundred numbers, so the fixed cost of a call is
+    the cost: ``torch.library.custom_op`` spends ~35 µs of Python per call (argument re-packing, its
+    autograd wrapper, the dynamo guard around the implementation) and the dispatcher called through
+    ``torch.ops`` several more, many times the kernel; a pybind11 function costs ~1 µs. Eager calls on
+    plain CPU tensors that would run the native kernel thus take it; traced code (torch.compile, export:
+    their tensors are subclasses, or dynamo is compiling), CUDA and the other backends go through
+    ``fastdl::causal_conv1d_step``. The kernel is the same either way.
+    """
+    if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling():
+        return False
+    # The selection depends only on the backend in force and the dtype (the step kernels have no shape
+    # limits): cached, since running it costs more than the kernel.
+    key = (get_backend(), input.dtype)
+    chosen = _EAGER_NATIVE_STEP.get(key)
+    if chosen is None:
+        chosen = _EAGER_NATIVE_STEP[key] = _STEP.select(input.device, input.dtype).backend == "native"
+    return chosen
+
+
+def _step_eager_native(input: Tensor, state: CausalConvState, weight: Tensor, bias: Tensor | None, dilation: int,
+                       groups: int) -> tuple[Tensor, CausalConvState]:
+    buffer, position = state
+    output = _extension._C.causal_conv_step(input, buffer, position, weight, bias, dilation, groups)
+    return output, CausalConvState(buffer, position + 1)
+
+
 # ------------------------------------------------------------------------------------------ input checks
 
 
@@ -283,6 +317,8 @@ def causal_conv1d_step(input: Tensor, state: CausalConvState, weight: Tensor, bi
     if buffer.dtype != input.dtype or buffer.device != input.device:
         raise RuntimeError(f"causal_conv1d_step: state buffer is {buffer.dtype} on {buffer.device}, input is "
                            f"{input.dtype} on {input.device}")
+    if _eager_native_step(input):
+        return _step_eager_native(input, state, weight, bias, dilation, groups)
     output = _step_op(input.contiguous(), buffer, position, weight, bias, dilation, groups)
     return output, CausalConvState(buffer, position + 1)
 
@@ -318,6 +354,14 @@ class CausalConv1d(nn.Conv1d):
         return causal_conv1d_init_state(batch_size, self.in_channels, self.kernel_size[0], self.dilation[0],
                                         device=self.weight.device, dtype=self.weight.dtype)
 
-    @torch.no_grad()
     def step(self, input: Tensor, state: CausalConvState) -> tuple[Tensor, CausalConvState]:
-        return causal_conv1d_step(input, state, self.weight, self.bias, self.dilation[0], self.groups)
+        if _eager_native_step(input):
+            # The module's weight, bias, dilation and groups were checked when it was built; the native
+            # kernel checks the input and the state against them. The parameters are read from
+            # _parameters: nn.Module finds them by __getattr__ only after a failed normal lookup, which
+            # costs as much as the rest of this call.
+            parameters = self._parameters
+            return _step_eager_native(input, state, parameters["weight"], parameters["bias"], self.dilation[0],
+                                      self.groups)
+        with torch.no_grad():
+            return causal_conv1d_step(input, state, self.weight, self.bias, self.dilation[0], self.groups)

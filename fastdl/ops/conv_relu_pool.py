@@ -27,9 +27,12 @@ Backends: ``native`` CPU (``csrc/cpu/conv_relu_pool.cpp``) runs the convolution 
 channels-last) and then ONE fused pass for bias + ReLU + pool + argmax that never writes the
 full-resolution ReLU output; ``native`` CUDA (``csrc/cuda/conv_relu_pool.cu``) is a cuDNN convolution
 followed by the same fused pass as one CUDA kernel; ``triton`` (``triton_kernels/conv_relu_pool.py``) is
-an implicit-GEMM convolution with bias, ReLU and pooling in its epilogue, so z is never stored at all. All
-three route the backward through the compact argmax into ATen's ``convolution_backward``. ``reference`` is
-plain PyTorch.
+an implicit-GEMM convolution with bias, ReLU and pooling in its epilogue, so z is never stored at all. CUDA
+and Triton route the backward through the compact argmax into ATen's ``convolution_backward``. Native CPU
+computes the convolution's backward itself where that pays: ∂L/∂z has one nonzero per pooled window, so
+each window scatters g·w into ∂L/∂x and g·x into ∂L/∂w directly (4× fewer multiply-adds for 2×2 pools);
+where a group's filters do not fit in cache (VGG16 block 5) it uses oneDNN's dense backward. ``reference``
+is plain PyTorch.
 """
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ How the work is split (the same on every backend):
   the whole [T, B, I] input); the recurrence over time is one op, ``fastdl::lstm_layer`` /
   ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per step: one GEMM with W_hh and one
   fused pointwise pass) and whose backward runs backward through time in C++ as well, forming dW_hh as a
-  single GEMM over all steps.
+  single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with W_hh reordered once per
+  layer. On CUDA, whole sequences of at most 8 rows (no projection) run forward as ONE persistent
+  cooperative kernel per layer that keeps W_hh in the GPU's shared memories for all steps
+  (csrc/cuda/rnn.cu); larger batches use the per-step cuBLAS GEMM and fused pointwise launch.
 
 Packed sequences are run padded and time-major in the PackedSequence's (length-sorted) order, so that the
 rows still running at step t are the prefix ``batch_sizes[t]``; rows past their end keep their state.
@@ -369,12 +372,20 @@ def _lstm_layer_setup(ctx, inputs, output) -> None:
     # and h0 are the left factors of dW_hh; o ⊙ tanh c for dW_hr is rebuilt from gates and cells.
     ctx.save_for_backward(gates, cells, layer_output, h0, c0, w_hh, w_hr, batch_sizes)
     ctx.reverse = reverse
+    # Gates and cells are outputs only so that backward can have them; their "gradients" are always
+    # unused, and materializing them would zero-fill two [T, B, ·] tensors per call.
+    ctx.set_materialize_grads(False)
+
+
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _lstm_layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     gates, cells, output, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
     grad_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_layer_backward_op(
-        grad_output, grad_h_n, grad_c_n, gates, cells, output, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse
+        _zeros_if_none(grad_output, output), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0), gates,
+        cells, output, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse
     )
     return grad_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None, None, None
 
@@ -421,12 +432,14 @@ def _gru_layer_setup(ctx, inputs, output) -> None:
     # as the left factors of dW_hh).
     ctx.save_for_backward(saved, layer_output, h0, w_hh, batch_sizes)
     ctx.reverse, ctx.has_bias = reverse, b_hh is not None
+    ctx.set_materialize_grads(False)  # as for LSTM: the saved activations' "gradient" is never used
 
 
 def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_saved):
     saved, output, h0, w_hh, batch_sizes = ctx.saved_tensors
     grad_proj, grad_h0, grad_w_hh, grad_b_hh = _gru_layer_backward_op(
-        grad_output, grad_h_n, saved, output, h0, w_hh, ctx.has_bias, batch_sizes, ctx.reverse
+        _zeros_if_none(grad_output, output), _zeros_if_none(grad_h_n, h0), saved, output, h0, w_hh, ctx.has_bias,
+        batch_sizes, ctx.reverse
     )
     return grad_proj, grad_h0, grad_w_hh, grad_b_hh if ctx.has_bias else None, None, None
 
