@@ -463,10 +463,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 # At the module's sizes the four projections cost twice the attention itself in flops. For fp32 on CPU,
 # torch's F.linear goes to MKL; oneDNN's JIT GEMM (reached through torch's own
 # ``mkldnn._linear_pointwise``, the op Inductor uses for CPU linears) ran the (2048 × 512)·(512 × 1536)
-# product and g·W in 12% less CPU time on one core of the AMD test machine (≈101 vs 89 GFLOP/s; with two
-# threads on the shared machine the gap was larger), and it adds the bias in the GEMM's epilogue instead
-# of a separate broadcast copy. The weights are passed in their plain layout, so no reordered copy has to
-# be kept in sync with parameters the optimizer changes.
+# product and g·W in 12% less CPU time on one core of the AMD test machine (≈101 vs 89 GFLOP/s; on both
+# cores of the quiet machine the gap shrank to 0–5%, and under load it grew), and it adds the bias in the
+# GEMM's epilogue instead of a separate broadcast copy of the bias into the output. The weights are
+# passed in their plain layout, so no reordered copy has to be kept in sync with parameters the
+# optimizer changes.
 
 
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
