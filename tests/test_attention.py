@@ -193,10 +193,41 @@ def test_opcheck(backend, use_backend):
     out = torch.randn(1, 2, 5, 16, device=device)
     lse = torch.randn(1, 2, 5, device=device)
     with use_backend(backend, device):
-        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, 0))
-        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, mask, 0.2, False, 0.25, 7))
+        seed = torch.tensor(7)
+        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, None))
+        torch.library.opcheck(torch.ops.fastdl.attention_forward.default, (q, k, v, mask, 0.2, False, 0.25, seed))
         torch.library.opcheck(torch.ops.fastdl.attention_backward.default,
-                              (out, q.detach(), k.detach(), v.detach(), mask, out, lse, 0.2, False, 0.25, 7, True))
+                              (out, q.detach(), k.detach(), v.detach(), mask, out, lse, 0.2, False, 0.25, seed, True))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_packed_opcheck(backend, use_backend):
+    """The packed self-attention ops on a (B, 3, H, N, D) view of a (B, N, 3·H·D) projection."""
+    qkv = torch.randn(2, 5, 3, 2, 8).permute(0, 2, 3, 1, 4).requires_grad_()
+    mask = torch.randn(2, 1, 5, 5).expand(2, 2, 5, 5)
+    out = torch.randn(2, 5, 2, 8).transpose(1, 2)
+    lse = torch.randn(2, 2, 5)
+    seed = torch.tensor(3)
+    with use_backend(backend, "cpu"):
+        torch.library.opcheck(torch.ops.fastdl.attention_packed_forward.default, (qkv, None, 0.0, True, 0.3, None))
+        torch.library.opcheck(torch.ops.fastdl.attention_packed_forward.default, (qkv, mask, 0.2, False, 0.3, seed))
+        torch.library.opcheck(torch.ops.fastdl.attention_packed_backward.default,
+                              (out, qkv.detach(), mask, out, lse, 0.2, False, 0.3, seed, True))
+        grad_qkv, _ = torch.ops.fastdl.attention_packed_backward(out, qkv.detach(), None, out, lse, 0.0, True, 0.3,
+                                                                 None, False)
+    assert grad_qkv.stride() == qkv.stride()  # written in the projection's layout: no stacking copy
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    """The dropout seed is a tensor drawn inside the graph (no .item() graph break)."""
+    module = MultiheadAttention(32, 4, dropout=0.3, batch_first=True)
+    compiled = torch.compile(lambda x: module(x, x, x, need_weights=False)[0], fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    torch.manual_seed(1)
+    y = compiled(x)
+    y.sum().backward()
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, module(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -305,6 +336,69 @@ def test_multihead_attention_matches_torch(backend, construct, call, attention, 
         assert_close(weights.detach(), weights_t.detach(), name="weights")
     for (name, _), a, e in zip(ours.named_parameters(), grads, grads_t):
         assert_close(a, e, name=f"grad {name}")
+
+
+# fp32 on CPU: the projections run on oneDNN (fastdl::attention_projection); compared with torch in fp64.
+FP32_MHA_CASES = [
+    (dict(batch_first=True), "self"),
+    (dict(), "self"),
+    (dict(batch_first=True), "cross"),
+    (dict(kdim=12, vdim=20, bias=False), "cross"),
+]
+
+
+@pytest.mark.parametrize("construct,attention", FP32_MHA_CASES,
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "-")
+def test_multihead_attention_fp32_onednn_projections(construct, attention):
+    embed, heads = 16, 4
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(embed, heads, dtype=torch.float64, **construct)
+    ours = MultiheadAttention(embed, heads, dtype=torch.float32, **construct)
+    ours.load_state_dict(theirs.state_dict())
+    inputs = _mha_inputs(construct, embed, heads, construct.get("batch_first", False), attention == "self", False)[:3]
+    grad = torch.randn(theirs(*inputs, need_weights=False)[0].shape, dtype=torch.float64, generator=_generator(14))
+    results = []
+    for module, dtype in ((ours, torch.float32), (theirs, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        if attention == "self":
+            leaves = [leaves[0]] * 3
+        out, _ = module(*leaves, need_weights=False)
+        if module is ours:
+            assert "attention_projection" in type(out.grad_fn).__name__, "the out-projection did not run on oneDNN"
+        grads = torch.autograd.grad(out, list(dict.fromkeys(leaves)) + list(module.parameters()), grad.to(dtype))
+        results.append((out, grads))
+    (out, grads), (out_t, grads_t) = results
+    assert out.dtype == torch.float32
+    assert_close(out, out_t, name="output")
+    for i, (a, e) in enumerate(zip(grads, grads_t)):
+        assert a.dtype == torch.float32
+        assert_close(a, e, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 16), (4, 0, 16)], ids=["empty-sequence", "empty-batch"])
+def test_multihead_attention_fp32_empty(shape):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(16, 4)
+    ours = MultiheadAttention(16, 4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    out, _ = ours(x, x, x, need_weights=False)
+    assert out.shape == theirs(x, x, x, need_weights=False)[0].shape
+    out.sum().backward()
+    assert torch.equal(ours.in_proj_weight.grad, torch.zeros_like(ours.in_proj_weight))
+
+
+def test_projection_opcheck():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(12, 8, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastdl.attention_projection.default, (x, weight, bias))
+    torch.library.opcheck(torch.ops.fastdl.attention_projection.default, (x, weight, None))
+    grad = torch.randn(2, 5, 12)
+    torch.library.opcheck(torch.ops.fastdl.attention_projection_backward.default, (grad, x.detach(), weight.detach(),
+                                                                                   True, True, True))
+    torch.library.opcheck(torch.ops.fastdl.attention_projection_backward.default, (grad, x.detach(), weight.detach(),
+                                                                                   False, True, False))
 
 
 def test_multihead_attention_is_causal_needs_mask():

@@ -108,10 +108,19 @@ FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const
 }
 
 // dst[p·ld + j] = src[j·stride + p]: a (cols × depth) tile transposed, so products against it stream.
+// Walked in groups of 16 source rows so that the writes run along destination rows: written column by
+// column, consecutive stores land ld·sizeof(T) = 512 bytes apart, and perf showed the loads stalling
+// behind them (4K aliasing), with this copy taking ~6% of the forward kernel.
 template <typename T>
-void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst, int64_t ld) {
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t p = 0; p < depth; ++p) dst[p * ld + j] = src[j * stride + p];
+FASTDL_CPU_CLONES void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst,
+                                       int64_t ld) {
+  constexpr int64_t kGroup = 16;
+  int64_t j0 = 0;
+  for (; j0 + kGroup <= cols; j0 += kGroup)
+    for (int64_t p = 0; p < depth; ++p)
+      for (int64_t j = 0; j < kGroup; ++j) dst[p * ld + j0 + j] = src[(j0 + j) * stride + p];
+  for (int64_t p = 0; p < depth; ++p)
+    for (int64_t j = j0; j < cols; ++j) dst[p * ld + j] = src[j * stride + p];
 }
 
 // The 32-bit avalanche mix of _mix32 in fastdl/ops/attention.py.
@@ -148,6 +157,18 @@ struct Operand {  // a (B, H, N, D) tensor with unit stride along D
 
 template <typename T>
 Operand<T> operand(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+struct Output {  // a writable (B, H, N, D) tensor with unit stride along D
+  T* data;
+  int64_t sb, sh, sn;
+  T* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
+};
+
+template <typename T>
+Output<T> output(at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
@@ -226,7 +247,8 @@ template <typename T>
 void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out, int64_t out_sn, T* lse,
                    std::vector<T>& buffer, std::vector<uint32_t>& row_keys) {
   const int64_t rows = std::min(kBlockQ, p.nq - i0);
-  buffer.assign(kBlockK * kBlockQ + p.d * kBlockQ + kBlockQ * p.dv + 3 * kBlockQ, T(0));
+  // Not zero-filled (~130 KB per block): every element is written before it is read.
+  buffer.resize(kBlockK * kBlockQ + p.d * kBlockQ + kBlockQ * p.dv + 3 * kBlockQ);
   T* st = buffer.data();
   T* query_t = st + kBlockK * kBlockQ;
   T* acc = query_t + p.d * kBlockQ;
@@ -234,6 +256,7 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
   T* sums = row_max + kBlockQ;
   T* rescale = sums + kBlockQ;
   std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
+  std::fill(sums, sums + rows, T(0));
   const int64_t hk = h / p.group();
   const int64_t row0 = (b * p.heads_q + h) * p.nq + i0;
   row_keys.resize(kBlockQ);
@@ -242,6 +265,7 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
   // Qᵀ once per block: every key tile's product Sᵀ = K·Qᵀ then streams along contiguous rows of it.
   pack_transposed(p.q.row(b, h, i0), p.q.sn, rows, p.d, query_t, kBlockQ);
   const int64_t keys = p.keys_seen(i0, rows);
+  if (keys == 0) std::fill(acc, acc + rows * p.dv, T(0));  // no keys: out = 0 (and lse = +∞) below
   for (int64_t j0 = 0; j0 < keys; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, keys - j0);
     tile_gemm<T>(cols, rows, p.d, p.scale * static_cast<T>(kLog2e), p.k.row(b, hk, j0), p.k.sn, 1, query_t, kBlockQ,
@@ -251,8 +275,8 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
     if (j0 > 0)
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < p.dv; ++c) acc[r * p.dv + c] *= rescale[r];
-    // O += P·V with P read transposed out of Sᵀ (strides swapped).
-    tile_gemm<T>(rows, p.dv, cols, T(1), st, 1, kBlockQ, p.v.row(b, hk, j0), p.v.sn, true, acc, p.dv);
+    // O += P·V with P read transposed out of Sᵀ (strides swapped); the first tile initializes O.
+    tile_gemm<T>(rows, p.dv, cols, T(1), st, 1, kBlockQ, p.v.row(b, hk, j0), p.v.sn, j0 > 0, acc, p.dv);
   }
   for (int64_t r = 0; r < rows; ++r) {
     // A row with every key masked (sum 0) gives 0 and lse = +∞, so backward's exp(s − lse) is 0 there.
@@ -305,7 +329,7 @@ FASTDL_CPU_CLONES void backward_tile(T* s, T* dp, int64_t rows, int64_t cols, in
 
 template <typename T>
 void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operand<T>& grad, const Operand<T>& out,
-                        const T* lse, T* dq, T* dk, T* dv, T* dmask) {
+                        const T* lse, const Output<T>& dq, const Output<T>& dk, const Output<T>& dv, T* dmask) {
   const int64_t group = p.group();
   std::vector<T> lse2(group * p.nq), delta(group * p.nq);
   for (int64_t g = 0; g < group; ++g) {
@@ -345,15 +369,17 @@ void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operan
         // Transposed left operands (Pᵀ, dSᵀ) are just swapped strides for the micro-kernel.
         tile_gemm<T>(cols, p.dv, rows, T(1), s.data(), 1, kBlockK, gi, grad.sn, true, dv_acc.data(), p.dv);
         tile_gemm<T>(cols, p.d, rows, p.scale, dp.data(), 1, kBlockK, q, p.q.sn, true, dk_acc.data(), p.d);
-        tile_gemm<T>(rows, p.d, cols, p.scale, dp.data(), kBlockK, 1, k, p.k.sn, true, dq + row0 * p.d, p.d);
+        // The first key block reaches every query block (causal included), so it initializes dQ.
+        tile_gemm<T>(rows, p.d, cols, p.scale, dp.data(), kBlockK, 1, k, p.k.sn, j0 > 0, dq.row(b, h, i0), dq.sn);
         if (dmask != nullptr)
           for (int64_t r = 0; r < rows; ++r)
             std::copy(dp.data() + r * kBlockK, dp.data() + r * kBlockK + cols, dmask + (row0 + r) * p.nk + j0);
       }
     }
-    const int64_t kv_row = (b * p.heads_kv + hk) * p.nk + j0;
-    std::copy(dk_acc.begin(), dk_acc.begin() + cols * p.d, dk + kv_row * p.d);
-    std::copy(dv_acc.begin(), dv_acc.begin() + cols * p.dv, dv + kv_row * p.dv);
+    for (int64_t c = 0; c < cols; ++c) {
+      std::copy(dk_acc.begin() + c * p.d, dk_acc.begin() + (c + 1) * p.d, dk.row(b, hk, j0 + c));
+      std::copy(dv_acc.begin() + c * p.dv, dv_acc.begin() + (c + 1) * p.dv, dv.row(b, hk, j0 + c));
+    }
   }
 }
 
@@ -423,29 +449,52 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_kernel(const at::Tensor& qu
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_kernel(
-    const at::Tensor& grad_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& out_in, const at::Tensor& lse_in, double dropout_p,
-    bool is_causal, double scale, int64_t seed, bool mask_grad) {
+// Writes ∂L/∂q, ∂L/∂k, ∂L/∂v into the given tensors, whatever their strides (unit stride along the head
+// dim), so a caller holding q, k and v as views of one packed projection gets one packed gradient with no
+// stacking copy. Returns ∂L/∂mask (an empty tensor unless mask_grad).
+at::Tensor attention_backward_into_kernel(const at::Tensor& grad_in, const at::Tensor& query_in,
+                                          const at::Tensor& key_in, const at::Tensor& value_in,
+                                          const c10::optional<at::Tensor>& mask, const at::Tensor& out_in,
+                                          const at::Tensor& lse_in, double dropout_p, bool is_causal, double scale,
+                                          int64_t seed, bool mask_grad, at::Tensor grad_query, at::Tensor grad_key,
+                                          at::Tensor grad_value) {
   check_inputs(query_in, key_in, value_in, mask, "attention_backward_kernel");
   const at::Tensor q = unit_stride(query_in), k = unit_stride(key_in), v = unit_stride(value_in);
   const at::Tensor grad = unit_stride(grad_in), out = unit_stride(out_in), lse = lse_in.contiguous();
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  for (const at::Tensor* g : {&grad_query, &grad_key, &grad_value})
+    TORCH_CHECK(g->scalar_type() == q.scalar_type() && g->dim() == 4 && (g->stride(3) == 1 || g->size(3) <= 1),
+                "attention_backward_kernel: gradient outputs must be 4-D, of the query's dtype, with unit stride "
+                "along the head dim");
+  TORCH_CHECK(grad_query.sizes() == q.sizes() && grad_key.sizes() == k.sizes() && grad_value.sizes() == v.sizes(),
+              "attention_backward_kernel: gradient outputs must have the shapes of query, key and value");
+  // The first key block initializes dQ (see backward_head_pair); without keys nothing would.
+  if (k.size(2) == 0) grad_query.zero_();
   at::Tensor dmask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
                                : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_kernel", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(q, k, v, mask, dropout_p, is_causal, scale, seed);
     const Operand<scalar_t> g = operand<scalar_t>(grad), o = operand<scalar_t>(out);
+    const Output<scalar_t> dq = output<scalar_t>(grad_query), dk = output<scalar_t>(grad_key),
+                           dv = output<scalar_t>(grad_value);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
-        backward_head_pair<scalar_t>(p, task / p.heads_kv, task % p.heads_kv, g, o, lse.data_ptr<scalar_t>(),
-                                     dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                                     dmask_data);
+        backward_head_pair<scalar_t>(p, task / p.heads_kv, task % p.heads_kv, g, o, lse.data_ptr<scalar_t>(), dq, dk,
+                                     dv, dmask_data);
     });
   });
+  return dmask;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_kernel(
+    const at::Tensor& grad_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& out_in, const at::Tensor& lse_in, double dropout_p,
+    bool is_causal, double scale, int64_t seed, bool mask_grad) {
+  at::Tensor dq = at::empty(query_in.sizes(), query_in.options());
+  at::Tensor dk = at::empty(key_in.sizes(), key_in.options());
+  at::Tensor dv = at::empty(value_in.sizes(), value_in.options());
+  at::Tensor dmask = attention_backward_into_kernel(grad_in, query_in, key_in, value_in, mask, out_in, lse_in,
+                                                    dropout_p, is_causal, scale, seed, mask_grad, dq, dk, dv);
   return {dq, dk, dv, dmask};
 }
 
@@ -461,9 +510,14 @@ TORCH_LIBRARY_FRAGMENT(fastdl, m) {
       "attention_backward_kernel(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, int seed, bool mask_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_backward_into_kernel(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, int seed, bool mask_grad, "
+      "Tensor(a!) grad_query, Tensor(b!) grad_key, Tensor(c!) grad_value) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("attention_forward_kernel", &fastdl::cpu::attention_forward_kernel);
   m.impl("attention_backward_kernel", &fastdl::cpu::attention_backward_kernel);
+  m.impl("attention_backward_into_kernel", &fastdl::cpu::attention_backward_into_kernel);
 }

@@ -20,12 +20,17 @@ recomputed there, and tiles that causality masks entirely skipped.
 Dropout draws keep_ij from a counter-based hash of (seed, global row, column) — ``_dropout_bits`` below is
 its definition, which the C++, CUDA and Triton kernels reproduce bit for bit — so backward recomputes the
 forward's mask instead of storing it, and every backend drops the same elements for the same seed. The
-seed is drawn from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible.
+seed is drawn from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible; it
+reaches the ops as a 0-d int64 tensor (read inside the op, not with ``.item()`` outside it), so
+``torch.compile`` traces dropout without a graph break.
 
 Layers: kernels in ``csrc/cpu/attention.cpp``, ``csrc/cuda/attention.cu`` and ``triton_kernels/attention.py``;
 here the ``torch.library`` ops ``fastdl::attention_forward`` and ``fastdl::attention_backward`` on canonical
-4-D tensors (fake kernels and autograd included), the broadcasting that brings any input torch accepts to
-that form, backend selection, the functional and the module.
+4-D tensors (fake kernels and autograd included), their packed self-attention twins
+``fastdl::attention_packed_forward``/``_backward`` (q, k, v and their gradient as views of one projection),
+``fastdl::attention_projection``/``_backward`` (the module's linear layers on oneDNN for fp32 CPU), the
+broadcasting that brings any input torch accepts to the canonical form, backend selection, the functional
+and the module.
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _dropout_bits(seed: int, rows: Tensor, columns: Tensor) -> Tensor:
+def _dropout_bits(seed: int | Tensor, rows: Tensor, columns: Tensor) -> Tensor:
     """32 random bits for every (global row, column): row = (batch·Hq + head)·Nq + query index."""
     seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
     row_key = _mix32(_mix32((rows & _MASK32) ^ seed_lo) ^ (rows >> 32) ^ seed_hi)
@@ -75,11 +80,20 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(int(round(dropout_p * 2.0**32)), 2**32)
 
 
+def _draw_seed() -> Tensor:
+    """A dropout seed from torch's default generator, as a 0-d int64 CPU tensor."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _seed_value(seed: Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
 def dropout_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def dropout_multiplier(seed: int, dropout_p: float, batch: int, heads: int, nq: int, nk: int, device,
+def dropout_multiplier(seed: int | Tensor, dropout_p: float, batch: int, heads: int, nq: int, nk: int, device,
                        dtype: torch.dtype) -> Tensor:
     """z_ij = keep_ij / (1 − p), shape (batch, heads, nq, nk): the mask every backend applies."""
     rows = torch.arange(batch * heads * nq, device=device, dtype=torch.int64).view(batch, heads, nq, 1)
@@ -195,16 +209,21 @@ _BACKWARD = standard_kernels("fastdl.scaled_dot_product_attention (backward)", _
                              _reference_backward, limits=_head_dim_limit)
 
 
-@torch.library.custom_op("fastdl::attention_forward", mutates_args=())
-def _forward_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                is_causal: bool, scale: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Canonical attention: query (B, Hq, Nq, D), key (B, Hk, Nk, D), value (B, Hk, Nk, Dv) with Hq a
-    multiple of Hk, attn_mask None or an additive (B, Hq, Nq, Nk) mask (broadcast views welcome).
-    Returns the output and the natural-log lse (B, Hq, Nq) in fp32 (fp64 for fp64 inputs)."""
+def _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     if query.numel() == 0 or value.shape[-1] == 0:
         return _output_like(query, value).zero_(), _lse_like(query).fill_(float("inf"))
     kernel = _FORWARD.select(query.device, query.dtype, query, key, value)
-    return kernel.run(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+    return kernel.run(query, key, value, attn_mask, dropout_p, is_causal, scale, _seed_value(seed))
+
+
+@torch.library.custom_op("fastdl::attention_forward", mutates_args=())
+def _forward_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Canonical attention: query (B, Hq, Nq, D), key (B, Hk, Nk, D), value (B, Hk, Nk, Dv) with Hq a
+    multiple of Hk, attn_mask None or an additive (B, Hq, Nq, Nk) mask (broadcast views welcome).
+    ``seed`` is the dropout seed, a 0-d int64 tensor (None without dropout).
+    Returns the output and the natural-log lse (B, Hq, Nq) in fp32 (fp64 for fp64 inputs)."""
+    return _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
 
 
 @_forward_op.register_fake
@@ -214,14 +233,15 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
 
 @torch.library.custom_op("fastdl::attention_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                 out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool, scale: float, seed: int,
+                 out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor],
                  mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of query, key, value and (when ``mask_grad``, else an empty tensor) of the mask."""
     if query.numel() == 0 or key.numel() == 0 or value.shape[-1] == 0:
         grad_mask = query.new_zeros(query.shape[:3] + key.shape[2:3]) if mask_grad else query.new_empty(0)
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), grad_mask
     kernel = _BACKWARD.select(query.device, query.dtype, query, key, value)
-    return kernel.run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad)
+    return kernel.run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
+                      mask_grad)
 
 
 @_backward_op.register_fake
@@ -238,14 +258,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)  # an output for backward's use, not part of the functional's result
     # Backward recomputes the scores tile by tile from q, k, v (and the mask); lse turns them into
     # probabilities without a second softmax pass, and out gives δ_i = g_i · o_i in one row reduction.
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
-    ctx.hyperparameters = (dropout_p, is_causal, scale, seed)
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)  # seed: backward redraws the same mask
+    ctx.hyperparameters = (dropout_p, is_causal, scale)
     ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
 
 
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
-    query, key, value, attn_mask, out, lse = ctx.saved_tensors
-    dropout_p, is_causal, scale, seed = ctx.hyperparameters
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale = ctx.hyperparameters
     grad_q, grad_k, grad_v, grad_mask = _backward_op(
         grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, ctx.mask_grad
     )
@@ -253,6 +273,71 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Self-attention with q, k and v read out of one packed projection. Through the op above, autograd would
+# rebuild the packed gradient from three separate ones (unbind's backward: one stacking copy of 3·B·N·E
+# elements); this op's backward writes ∂L/∂q, ∂L/∂k and ∂L/∂v straight into one tensor laid out as the
+# projection is, which the in-projection's backward then reads as is.
+
+
+@torch.library.custom_op("fastdl::attention_packed_forward", mutates_args=())
+def _packed_forward_op(qkv: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """fastdl::attention_forward of (query, key, value) = qkv.unbind(1), qkv (B, 3, H, N, D) of any strides
+    (typically a view of a (B, N, 3·H·D) projection)."""
+    return _attention_forward(*qkv.unbind(1), attn_mask, dropout_p, is_causal, scale, seed)
+
+
+@_packed_forward_op.register_fake
+def _(qkv, attn_mask, dropout_p, is_causal, scale, seed):
+    return _output_like(qkv[:, 0], qkv[:, 2]), _lse_like(qkv[:, 0])
+
+
+@torch.library.custom_op("fastdl::attention_packed_backward", mutates_args=())
+def _packed_backward_op(grad_out: Tensor, qkv: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
+                        dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor],
+                        mask_grad: bool) -> tuple[Tensor, Tensor]:
+    """The gradient of qkv, laid out as qkv is (``empty_like``), and that of the mask (as in
+    fastdl::attention_backward)."""
+    grad_qkv = torch.empty_like(qkv)
+    query, key, value = qkv.unbind(1)
+    kernel = _BACKWARD.select(query.device, query.dtype, query, key, value)
+    arguments = (grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
+                 mask_grad)
+    if kernel.backend == "native" and qkv.device.type == "cpu" and query.numel() > 0 and value.shape[-1] > 0:
+        return grad_qkv, torch.ops.fastdl.attention_backward_into_kernel(*arguments, *grad_qkv.unbind(1))
+    # The other kernels return separate gradients: copied into place (what unbind's backward would do).
+    *grads, grad_mask = _backward_op(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
+                                     seed, mask_grad)
+    for target, grad in zip(grad_qkv.unbind(1), grads):
+        target.copy_(grad)
+    return grad_qkv, grad_mask
+
+
+@_packed_backward_op.register_fake
+def _(grad_out, qkv, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    grad_mask = qkv.new_empty(qkv.shape[:1] + qkv.shape[2:4] + qkv.shape[3:4]) if mask_grad else qkv.new_empty(0)
+    return torch.empty_like(qkv), grad_mask
+
+
+def _packed_setup_context(ctx, inputs, output) -> None:
+    qkv, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, attn_mask, out, lse, seed)  # as for fastdl::attention_forward
+    ctx.hyperparameters = (dropout_p, is_causal, scale)
+    ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[1]
+
+
+def _packed_backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+    qkv, attn_mask, out, lse, seed = ctx.saved_tensors
+    grad_qkv, grad_mask = _packed_backward_op(grad_out, qkv, attn_mask, out, lse, *ctx.hyperparameters, seed,
+                                              ctx.mask_grad)
+    return grad_qkv, grad_mask if ctx.mask_grad else None, None, None, None, None
+
+
+_packed_forward_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,10 +451,101 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     q4, k4, v4, mask4, shape = _canonical(query, key, value, attn_mask, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
+    seed = _draw_seed() if dropout_p > 0 else None
     out, _ = _forward_op(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), seed)
     # Rank-2 inputs were given a head dim of 1 by _canonical; drop it again.
     return out.reshape(shape[3 - rank:] if rank < 3 else shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module's projections on CPU: oneDNN GEMMs.
+#
+# At the module's sizes the four projections cost twice the attention itself in flops. For fp32 on CPU,
+# torch's F.linear goes to MKL; oneDNN's JIT GEMM (reached through torch's own
+# ``mkldnn._linear_pointwise``, the op Inductor uses for CPU linears) ran the (2048 × 512)·(512 × 1536)
+# product and g·W in 12% less CPU time on one core of the AMD test machine (≈101 vs 89 GFLOP/s; on both
+# cores of the quiet machine the gap shrank to 0–5%, and under load it grew), and it adds the bias in the
+# GEMM's epilogue instead of a separate broadcast copy of the bias into the output. The weights are
+# passed in their plain layout, so no reordered copy has to be kept in sync with parameters the
+# optimizer changes.
+
+
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
+
+
+def _onednn_projection_usable(input: Tensor, weight: Tensor) -> bool:
+    """Whether the projection runs on oneDNN: non-empty fp32 CPU tensors (oneDNN rejects empty
+    products), with oneDNN built and enabled (``torch.backends.mkldnn``). It is torch's own GEMM library,
+    so fastdl's backend choice, which picks among the attention kernels, does not apply."""
+    return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32
+            and input.numel() > 0 and weight.numel() > 0 and _ONEDNN_BUILT and torch.backends.mkldnn.enabled)
+
+
+def _onednn_matmul(left: Tensor, right_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """left (M, K) · right_t (N, K)ᵀ (+ bias) on oneDNN. right_t may have any strides; a non-contiguous
+    left is first copied contiguous by torch's entry point."""
+    return torch.ops.mkldnn._linear_pointwise(left, right_t, bias, "none", [], "")
+
+
+@torch.library.custom_op("fastdl::attention_projection", mutates_args=())
+def _projection_op(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear(input, weight, bias) for fp32 CPU input (…, K), weight (N, K), bias (N) or None."""
+    flat = input.reshape(-1, input.shape[-1])
+    return _onednn_matmul(flat, weight, bias).view(*input.shape[:-1], weight.shape[0])
+
+
+@_projection_op.register_fake
+def _(input, weight, bias):
+    return input.new_empty(*input.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fastdl::attention_projection_backward", mutates_args=())
+def _projection_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool,
+                            bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """∂L/∂input = g·W, ∂L/∂W = gᵀ·x, ∂L/∂b = Σ_rows g — each an empty tensor unless asked for."""
+    grad = grad_out.reshape(-1, grad_out.shape[-1])
+    flat = input.reshape(-1, input.shape[-1])
+    grad_input = _onednn_matmul(grad, weight.t()).view(input.shape) if input_grad else grad.new_empty(0)
+    # gᵀ·x stays on torch.mm: its BLAS call reads the transposed operand in place, while torch's oneDNN
+    # entry would first copy it contiguous (measured: equal or slower, copies included).
+    grad_weight = torch.mm(grad.t(), flat) if weight_grad else grad.new_empty(0)
+    # A matrix-vector product with ones: torch's column sum grad.sum(0) of this (2048 × 1536) gradient took
+    # ~10× as long on the test machine.
+    grad_bias = torch.mv(grad.t(), grad.new_ones(grad.shape[0])) if bias_grad else grad.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+@_projection_backward_op.register_fake
+def _(grad_out, input, weight, input_grad, weight_grad, bias_grad):
+    return (input.new_empty(input.shape) if input_grad else grad_out.new_empty(0),
+            weight.new_empty(weight.shape) if weight_grad else grad_out.new_empty(0),
+            grad_out.new_empty(weight.shape[0]) if bias_grad else grad_out.new_empty(0))
+
+
+def _projection_setup_context(ctx, inputs, output) -> None:
+    input, weight, bias = inputs
+    # Both GEMM operands of the forward: each is the other's gradient's right-hand factor.
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+
+
+def _projection_backward(ctx, grad_out: Tensor):
+    input, weight = ctx.saved_tensors
+    wants_input, wants_weight, wants_bias = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = _projection_backward_op(
+        grad_out, input, weight, wants_input, wants_weight, wants_bias and ctx.has_bias)
+    return (grad_input if wants_input else None, grad_weight if wants_weight else None,
+            grad_bias if wants_bias and ctx.has_bias else None)
+
+
+_projection_op.register_autograd(_projection_backward, setup_context=_projection_setup_context)
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear, on oneDNN for fp32 CPU tensors (see above)."""
+    if _onednn_projection_usable(input, weight):
+        return _projection_op(input, weight, bias)
+    return F.linear(input, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,8 +554,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 def _dropped_weights(weights: Tensor, dropout_p: float, batch: int, heads: int) -> Tensor:
     """The attention weights after fastdl's dropout (the same elements the kernels drop for a seed)."""
-    seed = int(torch.randint(0, 2**62, ()).item())
-    multiplier = dropout_multiplier(seed, dropout_p, batch, heads, *weights.shape[-2:], weights.device, weights.dtype)
+    multiplier = dropout_multiplier(_draw_seed(), dropout_p, batch, heads, *weights.shape[-2:], weights.device, weights.dtype)
     return weights * multiplier.view(weights.shape)
 
 
@@ -387,9 +562,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention``: same constructor, parameters, state_dict and forward signature.
 
     The attention itself runs on fastdl's flash kernels, which read q, k and v as strided views of the
-    projections in whatever layout they come (batch-first or sequence-first; packed self-attention
-    projections split by ``unbind``, whose backward is one stacking copy rather than zero-filled
-    per-slice gradients), and write their output so that a batch-first result is a free view. With
+    projections in whatever layout they come (batch-first or sequence-first; for self-attention one packed
+    projection, whose gradient the backward kernel writes in place), and write their output so that a
+    batch-first result is a free view. On CPU in fp32 the projections are oneDNN GEMMs. With
     ``need_weights=True`` the weights must exist as an N×N tensor anyway, so that path computes them
     explicitly as torch does (with fastdl's dropout mask) and returns them.
     """
@@ -429,49 +604,72 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise RuntimeError(f"MultiheadAttention: attn_mask should have shape {expected}, got {tuple(attn_mask.shape)}")
             attn_mask = attn_mask.view(1, 1, *expected) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *expected[1:])
 
-        q, k, v = self._project(query, key, value, self_attention, same_kv)  # (…, H, Dh) in the input's layout
-        extra_keys = []
-        extra_shape = (batch, 1, heads, head_dim) if batch_major else (1, batch, heads, head_dim)
-        if self.bias_k is not None:
-            extra_keys.append((self.bias_k.view(1, 1, heads, head_dim).expand(extra_shape),
-                               self.bias_v.view(1, 1, heads, head_dim).expand(extra_shape)))
-        if self.add_zero_attn:
-            zeros = k.new_zeros(extra_shape)
-            extra_keys.append((zeros, zeros))
-        for extra_k, extra_v in extra_keys:
-            k, v = torch.cat([k, extra_k], dim=seq_dim), torch.cat([v, extra_v], dim=seq_dim)
-            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
-            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
-        source_len = k.shape[seq_dim]
-        if key_padding_mask is not None:
-            padding = key_padding_mask.view(batch, 1, 1, source_len)
-            attn_mask = padding if attn_mask is None else attn_mask + padding
         dropout_p = self.dropout if self.training else 0.0
-        # → (B, H, L, Dh): strided views, which the kernels read in place.
-        order = (0, 2, 1, 3) if batch_major else (1, 2, 0, 3)
-        q, k, v = (t.permute(order) for t in (q, k, v))
         weights = None
-        if need_weights:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            weights = torch.softmax(scores, dim=-1)
-            if dropout_p > 0:
-                weights = _dropped_weights(weights, dropout_p, batch, heads)
-            out = torch.matmul(weights, v)
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-            if not is_batched:
-                weights = weights.squeeze(0)
+        if (self_attention and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+                and not need_weights):
+            out = self._packed_self_attention(query, attn_mask, key_padding_mask, dropout_p, causal_kernel,
+                                              batch_major)
         else:
-            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal_kernel)
+            q, k, v = self._project(query, key, value, self_attention, same_kv)  # (…, H, Dh) in the input's layout
+            extra_keys = []
+            extra_shape = (batch, 1, heads, head_dim) if batch_major else (1, batch, heads, head_dim)
+            if self.bias_k is not None:
+                extra_keys.append((self.bias_k.view(1, 1, heads, head_dim).expand(extra_shape),
+                                   self.bias_v.view(1, 1, heads, head_dim).expand(extra_shape)))
+            if self.add_zero_attn:
+                zeros = k.new_zeros(extra_shape)
+                extra_keys.append((zeros, zeros))
+            for extra_k, extra_v in extra_keys:
+                k, v = torch.cat([k, extra_k], dim=seq_dim), torch.cat([v, extra_v], dim=seq_dim)
+                attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+                key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+            source_len = k.shape[seq_dim]
+            if key_padding_mask is not None:
+                padding = key_padding_mask.view(batch, 1, 1, source_len)
+                attn_mask = padding if attn_mask is None else attn_mask + padding
+            # → (B, H, L, Dh): strided views, which the kernels read in place.
+            order = (0, 2, 1, 3) if batch_major else (1, 2, 0, 3)
+            q, k, v = (t.permute(order) for t in (q, k, v))
+            if need_weights:
+                scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+                if attn_mask is not None:
+                    scores = scores + attn_mask
+                weights = torch.softmax(scores, dim=-1)
+                if dropout_p > 0:
+                    weights = _dropped_weights(weights, dropout_p, batch, heads)
+                out = torch.matmul(weights, v)
+                weights = weights.mean(dim=1) if average_attn_weights else weights
+                if not is_batched:
+                    weights = weights.squeeze(0)
+            else:
+                out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal_kernel)
         # (B, H, L, Dh) → the input's layout. The kernels lay their output out as (B, L, H, Dh), so the
         # batch-major case is a view and the sequence-first one a single transposing copy.
         if batch_major:
             out = out.transpose(1, 2).reshape(batch, target_len, embed)
         else:
             out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if is_batched else out.squeeze(1)), weights
+
+    def _packed_self_attention(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                               dropout_p: float, is_causal: bool, batch_major: bool) -> Tensor:
+        """Self-attention from one in-projection GEMM: q, k and v stay views of its (…, 3·E) output, which
+        fastdl::attention_packed_forward reads in place and whose gradient its backward writes in that
+        same layout. Returns (B, H, L, Dh), laid out (B, L, H, Dh)."""
+        heads, head_dim = self.num_heads, self.head_dim
+        projection = _linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, head_dim))
+        qkv = projection.permute((0, 2, 3, 1, 4) if batch_major else (1, 2, 3, 0, 4))  # (B, 3, H, L, Dh)
+        batch, length = qkv.shape[0], qkv.shape[3]
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, length)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(batch, heads, length, length)
+        seed = _draw_seed() if dropout_p > 0 else None
+        out, _ = _packed_forward_op(qkv, attn_mask, float(dropout_p), bool(is_causal), 1.0 / math.sqrt(head_dim), seed)
+        return out
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool):
         """The q, k, v projections as (…, H, Dh) views (packed weights: one matmul where inputs coincide)."""
@@ -480,16 +678,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             weight, bias = self.in_proj_weight, self.in_proj_bias
             if self_attention:
-                return F.linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
+                return _linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
             weight_q, weight_kv = weight.split([embed, 2 * embed])
             bias_q, bias_kv = bias.split([embed, 2 * embed]) if bias is not None else (None, None)
-            q = split(F.linear(query, weight_q, bias_q))
+            q = split(_linear(query, weight_q, bias_q))
             if same_kv:
-                return (q, *F.linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
+                return (q, *_linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
             weight_k, weight_v = weight_kv.chunk(2)
             bias_k, bias_v = bias_kv.chunk(2) if bias_kv is not None else (None, None)
-            return q, split(F.linear(key, weight_k, bias_k)), split(F.linear(value, weight_v, bias_v))
+            return q, split(_linear(key, weight_k, bias_k)), split(_linear(value, weight_v, bias_v))
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        return (split(F.linear(query, self.q_proj_weight, biases[0])),
-                split(F.linear(key, self.k_proj_weight, biases[1])),
-                split(F.linear(value, self.v_proj_weight, biases[2])))
+        return (split(_linear(query, self.q_proj_weight, biases[0])),
+                split(_linear(key, self.k_proj_weight, biases[1])),
+                split(_linear(value, self.v_proj_weight, biases[2])))
