@@ -338,7 +338,7 @@ def test_multihead_attention_matches_torch(backend, construct, call, attention, 
         assert_close(a, e, name=f"grad {name}")
 
 
-# fp32 on CPU: the projections run on oneDNN (fastdl::attention_projection); compared with torch in fp64.
+# fp32 on CPU: the projections run on oneDNN (fastdl::linear); compared with torch in fp64.
 FP32_MHA_CASES = [
     (dict(batch_first=True), "self"),
     (dict(), "self"),
@@ -364,7 +364,7 @@ def test_multihead_attention_fp32_onednn_projections(construct, attention):
             leaves = [leaves[0]] * 3
         out, _ = module(*leaves, need_weights=False)
         if module is ours:
-            assert "attention_projection" in type(out.grad_fn).__name__, "the out-projection did not run on oneDNN"
+            assert "fastdl_linear" in type(out.grad_fn).__name__, "the out-projection did not run on oneDNN"
         grads = torch.autograd.grad(out, list(dict.fromkeys(leaves)) + list(module.parameters()), grad.to(dtype))
         results.append((out, grads))
     (out, grads), (out_t, grads_t) = results
@@ -386,19 +386,6 @@ def test_multihead_attention_fp32_empty(shape):
     assert out.shape == theirs(x, x, x, need_weights=False)[0].shape
     out.sum().backward()
     assert torch.equal(ours.in_proj_weight.grad, torch.zeros_like(ours.in_proj_weight))
-
-
-def test_projection_opcheck():
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    weight = torch.randn(12, 8, requires_grad=True)
-    bias = torch.randn(12, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastdl.attention_projection.default, (x, weight, bias))
-    torch.library.opcheck(torch.ops.fastdl.attention_projection.default, (x, weight, None))
-    grad = torch.randn(2, 5, 12)
-    torch.library.opcheck(torch.ops.fastdl.attention_projection_backward.default, (grad, x.detach(), weight.detach(),
-                                                                                   True, True, True))
-    torch.library.opcheck(torch.ops.fastdl.attention_projection_backward.default, (grad, x.detach(), weight.detach(),
-                                                                                   False, True, False))
 
 
 def test_multihead_attention_is_causal_needs_mask():

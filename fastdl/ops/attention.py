@@ -28,8 +28,7 @@ Layers: kernels in ``csrc/cpu/attention.cpp``, ``csrc/cuda/attention.cu`` and ``
 here the ``torch.library`` ops ``fastdl::attention_forward`` and ``fastdl::attention_backward`` on canonical
 4-D tensors (fake kernels and autograd included), their packed self-attention twins
 ``fastdl::attention_packed_forward``/``_backward`` (q, k, v and their gradient as views of one projection),
-``fastdl::attention_projection``/``_backward`` (the module's linear layers on oneDNN for fp32 CPU), the
-broadcasting that brings any input torch accepts to the canonical form, backend selection, the functional
+the broadcasting that brings any input torch accepts to the canonical form, backend selection, the functional
 and the module.
 """
 from __future__ import annotations
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backends import standard_kernels
+from ._linear import linear
 
 __all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
 
@@ -458,97 +458,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 # ----------------------------------------------------------------------------------------------------
-# The module's projections on CPU: oneDNN GEMMs.
-#
-# At the module's sizes the four projections cost twice the attention itself in flops. For fp32 on CPU,
-# torch's F.linear goes to MKL; oneDNN's JIT GEMM (reached through torch's own
-# ``mkldnn._linear_pointwise``, the op Inductor uses for CPU linears) ran the (2048 × 512)·(512 × 1536)
-# product and g·W in 12% less CPU time on one core of the AMD test machine (≈101 vs 89 GFLOP/s; on both
-# cores of the quiet machine the gap shrank to 0–5%, and under load it grew), and it adds the bias in the
-# GEMM's epilogue instead of a separate broadcast copy of the bias into the output. The weights are
-# passed in their plain layout, so no reordered copy has to be kept in sync with parameters the
-# optimizer changes.
-
-
-_ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
-
-
-def _onednn_projection_usable(input: Tensor, weight: Tensor) -> bool:
-    """Whether the projection runs on oneDNN: non-empty fp32 CPU tensors (oneDNN rejects empty
-    products), with oneDNN built and enabled (``torch.backends.mkldnn``). It is torch's own GEMM library,
-    so fastdl's backend choice, which picks among the attention kernels, does not apply."""
-    return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32
-            and input.numel() > 0 and weight.numel() > 0 and _ONEDNN_BUILT and torch.backends.mkldnn.enabled)
-
-
-def _onednn_matmul(left: Tensor, right_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """left (M, K) · right_t (N, K)ᵀ (+ bias) on oneDNN. right_t may have any strides; a non-contiguous
-    left is first copied contiguous by torch's entry point."""
-    return torch.ops.mkldnn._linear_pointwise(left, right_t, bias, "none", [], "")
-
-
-@torch.library.custom_op("fastdl::attention_projection", mutates_args=())
-def _projection_op(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """F.linear(input, weight, bias) for fp32 CPU input (…, K), weight (N, K), bias (N) or None."""
-    flat = input.reshape(-1, input.shape[-1])
-    return _onednn_matmul(flat, weight, bias).view(*input.shape[:-1], weight.shape[0])
-
-
-@_projection_op.register_fake
-def _(input, weight, bias):
-    return input.new_empty(*input.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("fastdl::attention_projection_backward", mutates_args=())
-def _projection_backward_op(grad_out: Tensor, input: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool,
-                            bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """∂L/∂input = g·W, ∂L/∂W = gᵀ·x, ∂L/∂b = Σ_rows g — each an empty tensor unless asked for."""
-    grad = grad_out.reshape(-1, grad_out.shape[-1])
-    flat = input.reshape(-1, input.shape[-1])
-    grad_input = _onednn_matmul(grad, weight.t()).view(input.shape) if input_grad else grad.new_empty(0)
-    # gᵀ·x stays on torch.mm: its BLAS call reads the transposed operand in place, while torch's oneDNN
-    # entry would first copy it contiguous (measured: equal or slower, copies included).
-    grad_weight = torch.mm(grad.t(), flat) if weight_grad else grad.new_empty(0)
-    # A matrix-vector product with ones: torch's column sum grad.sum(0) of this (2048 × 1536) gradient took
-    # ~10× as long on the test machine.
-    grad_bias = torch.mv(grad.t(), grad.new_ones(grad.shape[0])) if bias_grad else grad.new_empty(0)
-    return grad_input, grad_weight, grad_bias
-
-
-@_projection_backward_op.register_fake
-def _(grad_out, input, weight, input_grad, weight_grad, bias_grad):
-    return (input.new_empty(input.shape) if input_grad else grad_out.new_empty(0),
-            weight.new_empty(weight.shape) if weight_grad else grad_out.new_empty(0),
-            grad_out.new_empty(weight.shape[0]) if bias_grad else grad_out.new_empty(0))
-
-
-def _projection_setup_context(ctx, inputs, output) -> None:
-    input, weight, bias = inputs
-    # Both GEMM operands of the forward: each is the other's gradient's right-hand factor.
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-
-
-def _projection_backward(ctx, grad_out: Tensor):
-    input, weight = ctx.saved_tensors
-    wants_input, wants_weight, wants_bias = ctx.needs_input_grad
-    grad_input, grad_weight, grad_bias = _projection_backward_op(
-        grad_out, input, weight, wants_input, wants_weight, wants_bias and ctx.has_bias)
-    return (grad_input if wants_input else None, grad_weight if wants_weight else None,
-            grad_bias if wants_bias and ctx.has_bias else None)
-
-
-_projection_op.register_autograd(_projection_backward, setup_context=_projection_setup_context)
-
-
-def _linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear, on oneDNN for fp32 CPU tensors (see above)."""
-    if _onednn_projection_usable(input, weight):
-        return _projection_op(input, weight, bias)
-    return F.linear(input, weight, bias)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The module.
 
 
@@ -650,7 +559,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(1, 2).reshape(batch, target_len, embed)
         else:
             out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
-        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if is_batched else out.squeeze(1)), weights
 
     def _packed_self_attention(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
@@ -659,7 +568,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         fastdl::attention_packed_forward reads in place and whose gradient its backward writes in that
         same layout. Returns (B, H, L, Dh), laid out (B, L, H, Dh)."""
         heads, head_dim = self.num_heads, self.head_dim
-        projection = _linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, head_dim))
+        projection = linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, head_dim))
         qkv = projection.permute((0, 2, 3, 1, 4) if batch_major else (1, 2, 3, 0, 4))  # (B, 3, H, L, Dh)
         batch, length = qkv.shape[0], qkv.shape[3]
         if key_padding_mask is not None:
@@ -678,16 +587,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             weight, bias = self.in_proj_weight, self.in_proj_bias
             if self_attention:
-                return _linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
+                return linear(query, weight, bias).unflatten(-1, (3, heads, head_dim)).unbind(-3)
             weight_q, weight_kv = weight.split([embed, 2 * embed])
             bias_q, bias_kv = bias.split([embed, 2 * embed]) if bias is not None else (None, None)
-            q = split(_linear(query, weight_q, bias_q))
+            q = split(linear(query, weight_q, bias_q))
             if same_kv:
-                return (q, *_linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
+                return (q, *linear(key, weight_kv, bias_kv).unflatten(-1, (2, heads, head_dim)).unbind(-3))
             weight_k, weight_v = weight_kv.chunk(2)
             bias_k, bias_v = bias_kv.chunk(2) if bias_kv is not None else (None, None)
-            return q, split(_linear(key, weight_k, bias_k)), split(_linear(value, weight_v, bias_v))
+            return q, split(linear(key, weight_k, bias_k)), split(linear(value, weight_v, bias_v))
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        return (split(_linear(query, self.q_proj_weight, biases[0])),
-                split(_linear(key, self.k_proj_weight, biases[1])),
-                split(_linear(value, self.v_proj_weight, biases[2])))
+        return (split(linear(query, self.q_proj_weight, biases[0])),
+                split(linear(key, self.k_proj_weight, biases[1])),
+                split(linear(value, self.v_proj_weight, biases[2])))

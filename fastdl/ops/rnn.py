@@ -16,8 +16,8 @@ How the work is split (the same on every backend):
   gate nonlinearities and the state update — is one fused op, ``fastdl::lstm_gates`` / ``fastdl::gru_gates``,
   with a fused backward. Forward saves the *activated* gates (LSTM: i, f, g, o; GRU: r, z, n and gh_n),
   which is what the derivatives are written in, so backward evaluates no σ or tanh of a pre-activation.
-* sequences: per layer and direction, the input projection of all time steps is ONE GEMM (``F.linear`` on
-  the whole [T, B, I] input); the recurrence over time is one op, ``fastdl::lstm_layer`` /
+* sequences: per layer and direction, the input projection of all time steps is ONE GEMM (``linear`` of
+  fastdl/ops/_linear.py, on oneDNN for fp32 CPU, on the whole [T, B, I] input); the recurrence over time is one op, ``fastdl::lstm_layer`` /
   ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per step: one GEMM with W_hh and one
   fused pointwise pass) and whose backward runs backward through time in C++ as well, forming dW_hh as a
   single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with W_hh reordered once per
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._backends import OpKernels, standard_kernels
+from ._linear import linear
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "lstm_cell", "gru_cell"]
 
@@ -544,13 +545,13 @@ def _run_stack(module: nn.RNNBase, input: Tensor, batch_sizes: Optional[Tensor],
             if is_lstm:
                 # Both biases enter the gates only as a sum: fold them into the one input-projection GEMM.
                 bias = p["bias_ih"] + p["bias_hh"] if module.bias else None
-                projection = F.linear(layer_input, p["weight_ih"], bias)
+                projection = linear(layer_input, p["weight_ih"], bias)
                 output, h_n, c_n, _, _ = _lstm_layer_op(projection, h0[index], c0[index], p["weight_hh"],
                                                         p["weight_hr"], batch_sizes, reverse)
                 c_finals.append(c_n)
             else:
                 # b_hn sits inside r ⊙ (W_hn h + b_hn), so b_hh stays with the recurrent GEMM.
-                projection = F.linear(layer_input, p["weight_ih"], p["bias_ih"])
+                projection = linear(layer_input, p["weight_ih"], p["bias_ih"])
                 output, h_n, _ = _gru_layer_op(projection, h0[index], p["weight_hh"], p["bias_hh"], batch_sizes,
                                                reverse)
             outputs.append(output)
