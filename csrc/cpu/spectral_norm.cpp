@@ -50,12 +50,12 @@ namespace cpu {
 namespace {
 
 constexpr int kRowsPerStep = 4;             // rows sharing each load of v and each load/store of Wᵀs
-// W elements per parallel block of the power iteration, and per thread of W / σ: a W up to 1 MiB in
-// fp32 (SN-GAN's weights up to 256×2048) stays on one thread. Two threads made 128×1024 about 15%
-// faster when the 2-core machine was quiet, but every synchronization of a parallel region waits for a
-// thread the OS may have descheduled: on the loaded machine a step of 128×1024 then took milliseconds
-// where one thread takes tens of microseconds.
-constexpr int64_t kBlockElements = 1 << 18;
+// W elements per parallel block of the power iteration, and per thread of W / σ: a W up to 256 KiB in
+// fp32 stays on one thread. On the quiet 2-core machine two threads took 128×1024 from 2.56× to 3.3×
+// torch's parametrization. The price: every synchronization of a parallel region waits for a thread the
+// OS may have descheduled, so on an oversubscribed machine a step of 128×1024 can take milliseconds
+// where one thread takes tens of microseconds (as torch's own parallel kernels do there).
+constexpr int64_t kBlockElements = 1 << 16;
 constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-front W / σ pass
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
