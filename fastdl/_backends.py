@@ -135,6 +135,7 @@ class OpKernels:
 
     def __post_init__(self) -> None:
         self._by_backend = {kernel.backend: kernel for kernel in self.kernels}
+        self._native_on_cpu: dict[tuple[str, torch.dtype], bool] = {}
         reference = self._by_backend.get("reference")
         if reference is None or reference.limits is not None:
             raise ValueError(f"{self.op}: the reference kernel is required and must accept every call")
@@ -153,6 +154,17 @@ class OpKernels:
                 names = ", ".join(sorted(str(d).removeprefix("torch.") for d in supported)) or "none"
                 return f"dtype {str(dtype).removeprefix('torch.')} is not supported on {device.type} (supported: {names})"
         return kernel.limits(*args) if kernel.limits is not None else None
+
+    def native_on_cpu(self, dtype: torch.dtype) -> bool:
+        """Whether a CPU call in ``dtype`` runs the native kernel under the backend in force. For the
+        eager fast paths that skip the custom op (causal conv's step, spectral norm's step): their ops'
+        kernels have no shape limits, so the answer depends on the backend and dtype alone, and it is
+        cached, since ``select`` costs as much as those kernels do on small tensors."""
+        key = (get_backend(), dtype)
+        native = self._native_on_cpu.get(key)
+        if native is None:
+            native = self._native_on_cpu[key] = self.select(torch.device("cpu"), dtype).backend == "native"
+        return native
 
     def select(self, device: torch.device, dtype: torch.dtype, *args) -> Kernel:
         """The kernel that runs this call under the backend in force (see the module docstring)."""

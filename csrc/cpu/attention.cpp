@@ -43,22 +43,6 @@ constexpr int64_t kBlockK = 128;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-// One AVX-512 register (two AVX2 or four SSE ones elsewhere). Spelled per type: GCC drops vector_size
-// from an alias template's dependent type.
-typedef float VecFloat __attribute__((vector_size(64)));
-typedef double VecDouble __attribute__((vector_size(64)));
-template <typename T>
-using Vec = std::conditional_t<std::is_same_v<T, float>, VecFloat, VecDouble>;
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
-
-template <typename T>
-FASTDL_INLINE Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // C[kRows × kVecs·lanes] = alpha·A·B (+ C when accumulating): the k-loop keeps the whole C block in
 // registers, each step broadcasting kRows elements of A against kVecs vectors of one row of B.
 template <typename T, int kRows, int kVecs>
@@ -67,7 +51,7 @@ FASTDL_INLINE void micro_kernel(int64_t k, T alpha, const T* a, int64_t a_si, in
   Vec<T> acc[kRows][kVecs] = {};
   for (int64_t p = 0; p < k; ++p) {
     Vec<T> row[kVecs];
-    for (int v = 0; v < kVecs; ++v) row[v] = load(b + p * ldb + v * kLanes<T>);
+    for (int v = 0; v < kVecs; ++v) row[v] = load_vec(b + p * ldb + v * kVecLanes<T>);
     for (int r = 0; r < kRows; ++r) {
       const T scalar = a[r * a_si + p * a_sk];
       for (int v = 0; v < kVecs; ++v) acc[r][v] += scalar * row[v];
@@ -75,9 +59,9 @@ FASTDL_INLINE void micro_kernel(int64_t k, T alpha, const T* a, int64_t a_si, in
   }
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < kVecs; ++v) {
-      T* out = c + r * ldc + v * kLanes<T>;
+      T* out = c + r * ldc + v * kVecLanes<T>;
       Vec<T> result = alpha * acc[r][v];
-      if (accumulate) result += load(out);
+      if (accumulate) result += load_vec(out);
       std::memcpy(out, &result, sizeof(result));
     }
 }
@@ -95,7 +79,7 @@ FASTDL_INLINE void column_panel(int64_t m, int64_t k, T alpha, const T* a, int64
 template <typename T>
 FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk,
                                  const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  constexpr int64_t lanes = kLanes<T>;
+  constexpr int64_t lanes = kVecLanes<T>;
   int64_t j = 0;
   for (; j + 2 * lanes <= n; j += 2 * lanes) column_panel<T, 2>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
   for (; j + lanes <= n; j += lanes) column_panel<T, 1>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);

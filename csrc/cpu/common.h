@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define FASTDL_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
@@ -31,6 +32,26 @@
 
 namespace fastdl {
 namespace cpu {
+
+// A 64-byte block of scalars as one value (GCC vector extension): one AVX-512 register in the v4 clone,
+// two AVX2 or four SSE registers in the others. Kernels spell their inner loops over these because GCC
+// scalarized the same loops written over arrays, and named accumulator vectors stay in registers where a
+// lanes[] array spilled to the stack. Spelled per type: GCC drops vector_size from an alias template's
+// dependent type.
+typedef float VecFloat __attribute__((vector_size(64)));
+typedef double VecDouble __attribute__((vector_size(64)));
+template <typename T>
+using Vec = std::conditional_t<std::is_same_v<T, float>, VecFloat, VecDouble>;
+template <typename T>
+constexpr int64_t kVecLanes = 64 / sizeof(T);
+
+// An unaligned load of one Vec.
+template <typename T>
+FASTDL_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 FASTDL_INLINE float bits_to_float(int32_t bits) {
   float value;

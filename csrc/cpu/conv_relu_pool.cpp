@@ -251,28 +251,6 @@ FASTDL_INLINE void for_each_tap_run(const ConvGeometry& cg, int64_t h, int64_t w
   }
 }
 
-// A 64-byte block of scalar_t as one value (GCC vector extension): one AVX-512 register in the avx512f
-// clone, two or four narrower ones elsewhere. Spelled out because GCC scalarized the same loop written
-// over arrays.
-template <typename scalar_t>
-struct BlockOf;
-template <>
-struct BlockOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct BlockOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename scalar_t>
-using Block = typename BlockOf<scalar_t>::type;
-
-// Unaligned load; by reference because returning a vector type changes the ABI with the target.
-template <typename scalar_t>
-FASTDL_INLINE void load_block(Block<scalar_t>& v, const scalar_t* p) {
-  std::memcpy(&v, p, sizeof v);
-}
-
 // out[k] += Σ_q g[q] · sources[q][offset + k] for k < length. The sum over q runs in registers, one
 // 64-byte block of k at a time, in four independent chains (q mod 4) so that the multiply-adds do not wait
 // on each other; `out` is read and written once per block. (Accumulating straight into `out`, source by
@@ -283,23 +261,23 @@ FASTDL_INLINE void add_scaled_rows(scalar_t* __restrict out, const scalar_t* con
   constexpr int64_t kBlock = 64 / sizeof(scalar_t);
   int64_t k = 0;
   for (; k + kBlock <= length; k += kBlock) {
-    Block<scalar_t> sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {}, v0, v1, v2, v3;
+    Vec<scalar_t> sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {}, v0, v1, v2, v3;
     int64_t q = 0;
     for (; q + 4 <= count; q += 4) {
-      load_block(v0, sources[q] + offset + k);
-      load_block(v1, sources[q + 1] + offset + k);
-      load_block(v2, sources[q + 2] + offset + k);
-      load_block(v3, sources[q + 3] + offset + k);
+      v0 = load_vec(sources[q] + offset + k);
+      v1 = load_vec(sources[q + 1] + offset + k);
+      v2 = load_vec(sources[q + 2] + offset + k);
+      v3 = load_vec(sources[q + 3] + offset + k);
       sum0 += g[q] * v0;
       sum1 += g[q + 1] * v1;
       sum2 += g[q + 2] * v2;
       sum3 += g[q + 3] * v3;
     }
     for (; q < count; ++q) {
-      load_block(v0, sources[q] + offset + k);
+      v0 = load_vec(sources[q] + offset + k);
       sum0 += g[q] * v0;
     }
-    load_block(v0, out + k);
+    v0 = load_vec(out + k);
     v0 += (sum0 + sum1) + (sum2 + sum3);
     std::memcpy(out + k, &v0, sizeof v0);
   }

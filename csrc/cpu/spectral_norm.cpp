@@ -61,30 +61,6 @@ constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
 constexpr int64_t kGrain = 1 << 18;         // elements per thread below which elementwise work stays serial
 
-// A 64-byte vector of scalars (GCC vector extension): one zmm on AVX-512, split into ymm/xmm registers
-// by the AVX2 and baseline clones. Named accumulator vectors stay in registers, where a scalar lanes[]
-// array spilled to the stack on every iteration.
-// (GCC drops vector_size on a dependent type in an alias template, hence one typedef per scalar type.)
-template <typename scalar_t>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename scalar_t>
-using Vec = typename VecOf<scalar_t>::type;
-
-template <typename scalar_t>
-FASTDL_INLINE Vec<scalar_t> load(const scalar_t* p) {
-  Vec<scalar_t> value;
-  std::memcpy(&value, p, sizeof(value));  // an unaligned vector load
-  return value;
-}
-
 template <typename scalar_t>
 FASTDL_INLINE scalar_t lane_sum(Vec<scalar_t> x) {
   scalar_t sum = 0;
@@ -102,12 +78,12 @@ FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, 
   Vec<scalar_t> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   const int64_t body = cols - cols % kLanes;
   for (int64_t c = 0; c < body; c += kLanes) {
-    const Vec<scalar_t> x = load(v + c);
-    acc0 += load(w + c) * x;
+    const Vec<scalar_t> x = load_vec(v + c);
+    acc0 += load_vec(w + c) * x;
     if constexpr (R == 4) {
-      acc1 += load(w + cols + c) * x;
-      acc2 += load(w + 2 * cols + c) * x;
-      acc3 += load(w + 3 * cols + c) * x;
+      acc1 += load_vec(w + cols + c) * x;
+      acc2 += load_vec(w + 2 * cols + c) * x;
+      acc3 += load_vec(w + 3 * cols + c) * x;
     }
   }
   const Vec<scalar_t> accs[4] = {acc0, acc1, acc2, acc3};
@@ -225,7 +201,7 @@ FASTDL_CPU_CLONES double squared_norm(const scalar_t* x, int64_t n) {
     const int64_t chunk_end = i + std::min(kNormChunk, (n - i) / kLanes * kLanes);
     Vec<scalar_t> acc = {};
     for (; i < chunk_end; i += kLanes) {
-      const Vec<scalar_t> y = load(x + i);
+      const Vec<scalar_t> y = load_vec(x + i);
       acc += y * y;
     }
     total += lane_sum<scalar_t>(acc);

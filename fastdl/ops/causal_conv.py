@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _extension
-from .._backends import get_backend, standard_kernels
+from .._backends import standard_kernels
 
 __all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
 
@@ -188,9 +188,6 @@ def _(input, buffer, position, weight, bias, dilation, groups):
     return input.new_empty((input.shape[0], weight.shape[0]))
 
 
-_EAGER_NATIVE_STEP: dict[tuple[str, torch.dtype], bool] = {}
-
-
 def _eager_native_step(input) -> bool:
     """Whether a step on ``input`` runs as ``fastdl._C.causal_conv_step``: the native CPU kernel called
     straight from Python, its argument checks in C++, its output outside autograd.
@@ -205,13 +202,7 @@ def _eager_native_step(input) -> bool:
     """
     if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling():
         return False
-    # The selection depends only on the backend in force and the dtype (the step kernels have no shape
-    # limits): cached, since running it costs more than the kernel.
-    key = (get_backend(), input.dtype)
-    chosen = _EAGER_NATIVE_STEP.get(key)
-    if chosen is None:
-        chosen = _EAGER_NATIVE_STEP[key] = _STEP.select(input.device, input.dtype).backend == "native"
-    return chosen
+    return _STEP.native_on_cpu(input.dtype)
 
 
 def _step_eager_native(input: Tensor, state: CausalConvState, weight: Tensor, bias: Tensor | None, dilation: int,

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from .. import _extension
-from .._backends import get_backend, standard_kernels
+from .._backends import standard_kernels
 from .._layout import in_format, preserved_format
 
 __all__ = ["spectral_norm", "spectral_normalize"]
@@ -153,7 +153,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # The native eager step, ``eager_step_python`` of csrc/cpu/spectral_norm.cpp: a builtin function that skips
 # the dispatcher (see :func:`_eager_native`).
 _eager_step = _extension._C.spectral_norm_eager_step if _extension.LOAD_ERROR is None else None
-_EAGER_NATIVE: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _eager_native(weight: Tensor) -> bool:
@@ -168,13 +167,7 @@ def _eager_native(weight: Tensor) -> bool:
     """
     if not weight.is_cpu or torch.compiler.is_compiling():
         return False
-    # For CPU tensors the selection depends only on the backend in force and the dtype: it is cached,
-    # since running it costs as much as the kernels for small weights.
-    key = (get_backend(), weight.dtype)
-    chosen = _EAGER_NATIVE.get(key)
-    if chosen is None:
-        chosen = _EAGER_NATIVE[key] = _FORWARD.select(weight.device, weight.dtype).backend == "native"
-    return chosen
+    return _FORWARD.native_on_cpu(weight.dtype)
 
 
 def _check(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, dim: int) -> int:
