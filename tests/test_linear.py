@@ -1,10 +1,10 @@
-"""fastdl.ops._linear.linear — F.linear with fp32 CPU products on oneDNN, used by MultiheadAttention and
+"""fastdl._linear.linear — F.linear with fp32 CPU products on oneDNN, used by MultiheadAttention and
 the LSTM/GRU input projections: values and gradients against F.linear in fp64, the fallbacks, opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdl.ops._linear import linear
+from fastdl._linear import linear
 from fastdl.testing import assert_close
 
 

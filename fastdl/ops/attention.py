@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backends import standard_kernels
-from ._linear import linear
+from .._linear import linear
 
 __all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
 

@@ -17,10 +17,10 @@ How the work is split (the same on every backend):
   with a fused backward. Forward saves the *activated* gates (LSTM: i, f, g, o; GRU: r, z, n and gh_n),
   which is what the derivatives are written in, so backward evaluates no σ or tanh of a pre-activation.
 * sequences: per layer and direction, the input projection of all time steps is ONE GEMM (``linear`` of
-  fastdl/ops/_linear.py, on oneDNN for fp32 CPU, on the whole [T, B, I] input); the recurrence over time is one op, ``fastdl::lstm_layer`` /
-  ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per step: one GEMM with W_hh and one
-  fused pointwise pass) and whose backward runs backward through time in C++ as well, forming dW_hh as a
-  single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with W_hh reordered once per
+  fastdl/_linear.py, on oneDNN for fp32 CPU, on the whole [T, B, I] input); the recurrence over time is
+  one op, ``fastdl::lstm_layer`` / ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per
+  step: one GEMM with W_hh and one fused pointwise pass) and whose backward runs backward through time in
+  C++ as well, forming dW_hh as a single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with W_hh reordered once per
   layer. On CUDA, whole sequences of at most 8 rows (no projection) run forward as ONE persistent
   cooperative kernel per layer that keeps W_hh in the GPU's shared memories for all steps
   (csrc/cuda/rnn.cu); larger batches use the per-step cuBLAS GEMM and fused pointwise launch.
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._backends import OpKernels, standard_kernels
-from ._linear import linear
+from .._linear import linear
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "lstm_cell", "gru_cell"]
 
