@@ -55,5 +55,6 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastdl.linear.default, (x, weight, bias))
     torch.library.opcheck(torch.ops.fastdl.linear.default, (x, weight, None))
     grad = torch.randn(2, 5, 12)
-    torch.library.opcheck(torch.ops.fastdl.linear_backward.default, (grad, x.detach(), weight.detach(), True, True, True))
-    torch.library.opcheck(torch.ops.fastdl.linear_backward.default, (grad, x.detach(), weight.detach(), False, True, False))
+    operands = (grad, x.detach(), weight.detach())
+    torch.library.opcheck(torch.ops.fastdl.linear_backward.default, (*operands, True, True, True))
+    torch.library.opcheck(torch.ops.fastdl.linear_backward.default, (*operands, False, True, False))

@@ -17,12 +17,12 @@ How the work is split (the same on every backend):
   with a fused backward. Forward saves the *activated* gates (LSTM: i, f, g, o; GRU: r, z, n and gh_n),
   which is what the derivatives are written in, so backward evaluates no σ or tanh of a pre-activation.
 * sequences: per layer and direction, the input projection of all time steps is ONE GEMM (``linear`` of
-  fastdl/_linear.py, on oneDNN for fp32 CPU, on the whole [T, B, I] input); the recurrence over time is
-  one op, ``fastdl::lstm_layer`` / ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per
-  step: one GEMM with W_hh and one fused pointwise pass) and whose backward runs backward through time in
-  C++ as well, forming dW_hh as a single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with W_hh reordered once per
-  layer. On CUDA, whole sequences of at most 8 rows (no projection) run forward as ONE persistent
-  cooperative kernel per layer that keeps W_hh in the GPU's shared memories for all steps
+  fastdl/_linear.py, on oneDNN for fp32 CPU, on the whole [T, B, I] input); the recurrence over time is one
+  op, ``fastdl::lstm_layer`` / ``fastdl::gru_layer``, whose native kernel loops over time in C++ (per step:
+  one GEMM with W_hh and one fused pointwise pass) and whose backward runs backward through time in C++ as
+  well, forming dW_hh as a single GEMM over all steps. On the CPU the per-step GEMMs go through oneDNN with
+  W_hh reordered once per layer. On CUDA, whole sequences of at most 8 rows (no projection) run forward as ONE
+  persistent cooperative kernel per layer that keeps W_hh in the GPU's shared memories for all steps
   (csrc/cuda/rnn.cu); larger batches use the per-step cuBLAS GEMM and fused pointwise launch.
 
 Packed sequences are run padded and time-major in the PackedSequence's (length-sorted) order, so that the
