@@ -8,7 +8,7 @@
   parallel compile jobs (both read by torch.utils.cpp_extension).
 
 Nothing here uses ``-march=native``: a wheel must run on any x86-64 CPU. The CPU kernels pick their
-instruction set at run time instead (see ``csrc/cpu/common.h``).
+instruction set at run time instead (see ``csrc/cpu/isa.h``).
 """
 import glob
 import os
@@ -50,7 +50,9 @@ def _extension():
     # calls; NaN and Inf still behave as IEEE says (this is not -ffast-math).
     # -fopenmp: at::parallel_for is an OpenMP loop compiled into our own code; torch ships libgomp.so.1,
     # which the loader reuses for us, so both share one thread pool.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # -Wno-psabi: the per-ISA kernels (csrc/cpu/isa.h) pass AVX vectors between always_inline functions that
+    # are inlined into code compiled for that ISA; GCC still notes the ABI such a call would have otherwise.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
     sources = ["csrc/module.cpp"] + _sources("csrc/cpu/*.cpp")
     if not with_cuda:
         return cpp_extension.CppExtension(

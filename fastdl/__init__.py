@@ -4,7 +4,8 @@
 choose which backend runs them (see ``fastdl._backends``).
 """
 from ._backends import available_backends, backend, get_backend, set_backend
+from ._cpu_isa import cpu_isa, set_cpu_isa
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "backend", "get_backend", "set_backend", "__version__"]
+__all__ = ["available_backends", "backend", "cpu_isa", "get_backend", "set_backend", "set_cpu_isa", "__version__"]

@@ -1,10 +1,11 @@
 """``python -m fastdl``: versions, the device, and which backends can run here (and why not)."""
+import os
 import platform
 
 import torch
 
 import fastdl
-from fastdl import _backends, _extension
+from fastdl import _backends, _cpu_isa, _extension
 
 
 def main() -> None:
@@ -24,6 +25,10 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name(0)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})")
     else:
         print(f"device: CPU only ({platform.machine()}, {torch.get_num_threads()} threads); no CUDA device")
+    isa = fastdl.cpu_isa()
+    if isa.supported is not None:
+        capped = f", capped by FASTDL_CPU_ISA={os.environ['FASTDL_CPU_ISA']}" if isa.active != isa.supported else ""
+        print(f"CPU: {_cpu_isa.cpu_model()}; instruction set {isa.supported}, kernels run {isa.active}{capped}")
     print(f"selected backend: {fastdl.get_backend()}")
     for device in devices:
         for name in _backends.KERNEL_BACKENDS:

@@ -15,8 +15,8 @@
 // the tile is recomputed: P = exp2(S·log2 e − lse₂), dV += (P∘Z)ᵀ·dO, dP = dO·Vᵀ,
 // dS = P∘(Z∘dP − δ), dK += scale·dSᵀ·Q, dQ += scale·dS·K, with δ_i = dO_i·O_i computed once per row.
 //
-// The tile products are our own register-blocked micro-kernels (GCC vector extensions, compiled per ISA
-// by FASTDL_CPU_CLONES) rather than BLAS calls: they take any strides for the left operand (so Pᵀ and
+// The tile products are our own register-blocked micro-kernels (vectors and tile shape per ISA, isa.h)
+// rather than BLAS calls: they take any strides for the left operand (so Pᵀ and
 // dSᵀ cost nothing), and on this project's AMD test machine MKL runs its generic kernels anyway, which
 // these match (measured with perf: equal time in the products) without the per-call packing copies.
 //
@@ -45,44 +45,69 @@ constexpr double kLn2 = 0.6931471805599453;
 
 // C[kRows × kVecs·lanes] = alpha·A·B (+ C when accumulating): the k-loop keeps the whole C block in
 // registers, each step broadcasting kRows elements of A against kVecs vectors of one row of B.
-template <typename T, int kRows, int kVecs>
+template <typename Isa, int kRows, int kVecs, typename T>
 FASTDL_INLINE void micro_kernel(int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk, const T* b, int64_t ldb,
                                 bool accumulate, T* c, int64_t ldc) {
-  Vec<T> acc[kRows][kVecs] = {};
+  using V = Vec<T, Isa>;
+  constexpr int64_t lanes = kLanes<T, Isa>;
+  V acc[kRows][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = V{};
   for (int64_t p = 0; p < k; ++p) {
-    Vec<T> row[kVecs];
-    for (int v = 0; v < kVecs; ++v) row[v] = load_vec(b + p * ldb + v * kVecLanes<T>);
+    V row[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) row[v] = load_vec<Isa>(b + p * ldb + v * lanes);
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const T scalar = a[r * a_si + p * a_sk];
+#pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) acc[r][v] += scalar * row[v];
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      T* out = c + r * ldc + v * kVecLanes<T>;
-      Vec<T> result = alpha * acc[r][v];
-      if (accumulate) result += load_vec(out);
-      std::memcpy(out, &result, sizeof(result));
+      T* out = c + r * ldc + v * lanes;
+      V result = alpha * acc[r][v];
+      if (accumulate) result += load_vec<Isa>(out);
+      store_vec<Isa>(out, result);
     }
 }
 
-template <typename T, int kVecs>
+// Rows of C for one panel of kVecs vectors: full register tiles of Isa::kTileRows rows, then the
+// remaining rows in tiles of 4, 2 and 1 (a 1-row tile has too few accumulators to hide the multiply-add
+// latency, so it only takes the last odd row).
+template <typename Isa, int kVecs, typename T>
 FASTDL_INLINE void column_panel(int64_t m, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk, const T* b,
                                 int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int kRows = Isa::kTileRows;
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) micro_kernel<T, 4, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
-  for (; i < m; ++i) micro_kernel<T, 1, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+  for (; i + kRows <= m; i += kRows)
+    micro_kernel<Isa, kRows, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+  if constexpr (kRows > 4)
+    for (; i + 4 <= m; i += 4)
+      micro_kernel<Isa, 4, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+  for (; i + 2 <= m; i += 2)
+    micro_kernel<Isa, 2, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
+  for (; i < m; ++i)
+    micro_kernel<Isa, 1, kVecs>(k, alpha, a + i * a_si, a_si, a_sk, b, ldb, accumulate, c + i * ldc, ldc);
 }
 
 // Row-major C[m×n] = alpha·A·B (+ C when accumulating), A[i][p] at a[i·a_si + p·a_sk] (any strides, so
 // Aᵀ costs nothing), B row-major with unit stride along n.
-template <typename T>
-FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk,
-                                 const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  constexpr int64_t lanes = kVecLanes<T>;
+template <typename Isa, typename T>
+FASTDL_INLINE void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, int64_t a_sk,
+                             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int kVecs = Isa::kTileVecs;
+  constexpr int64_t lanes = kLanes<T, Isa>;
   int64_t j = 0;
-  for (; j + 2 * lanes <= n; j += 2 * lanes) column_panel<T, 2>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
-  for (; j + lanes <= n; j += lanes) column_panel<T, 1>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
+  for (; j + kVecs * lanes <= n; j += kVecs * lanes)
+    column_panel<Isa, kVecs>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
+  for (; j + lanes <= n; j += lanes)
+    column_panel<Isa, 1>(m, k, alpha, a, a_si, a_sk, b + j, ldb, accumulate, c + j, ldc);
   for (; j < n; ++j)
     for (int64_t i = 0; i < m; ++i) {
       T sum = 0;
@@ -96,8 +121,7 @@ FASTDL_CPU_CLONES void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, const
 // column, consecutive stores land ld·sizeof(T) = 512 bytes apart, and perf showed the loads stalling
 // behind them (4K aliasing), with this copy taking ~6% of the forward kernel.
 template <typename T>
-FASTDL_CPU_CLONES void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst,
-                                       int64_t ld) {
+FASTDL_INLINE void pack_transposed(const T* src, int64_t stride, int64_t cols, int64_t depth, T* dst, int64_t ld) {
   constexpr int64_t kGroup = 16;
   int64_t j0 = 0;
   for (; j0 + kGroup <= cols; j0 += kGroup)
@@ -168,9 +192,9 @@ struct Mask {  // additive (B, Hq, Nq, Nk) mask; broadcast dims have stride 0
 // 2^(m_old − m_new) in `rescale`, adds the new probabilities into `sums`, and finally applies dropout
 // (after the sums: the softmax normalizes the undropped probabilities).
 template <typename T>
-FASTDL_CPU_CLONES void online_softmax_tile(T* st, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
-                                           bool causal, const T* mask, const Mask& mask_layout, T* row_max, T* sums,
-                                           T* rescale, const uint32_t* row_keys, const Dropout& dropout) {
+FASTDL_INLINE void online_softmax_tile(T* st, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
+                                       bool causal, const T* mask, const Mask& mask_layout, T* row_max, T* sums,
+                                       T* rescale, const uint32_t* row_keys, const Dropout& dropout) {
   const T log2e = static_cast<T>(kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   if (mask != nullptr)
@@ -227,8 +251,9 @@ struct Problem {
   int64_t keys_seen(int64_t i0, int64_t rows) const { return causal ? std::min(nk, i0 + rows) : nk; }
 };
 
-template <typename T>
-void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out, int64_t out_sn, T* lse,
+// One task of the forward, in per-ISA code (with_cpu_isa).
+template <typename Isa, typename T>
+FASTDL_INLINE void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out, int64_t out_sn, T* lse,
                    std::vector<T>& buffer, std::vector<uint32_t>& row_keys) {
   const int64_t rows = std::min(kBlockQ, p.nq - i0);
   // Not zero-filled (~130 KB per block): every element is written before it is read.
@@ -252,7 +277,7 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
   if (keys == 0) std::fill(acc, acc + rows * p.dv, T(0));  // no keys: out = 0 (and lse = +∞) below
   for (int64_t j0 = 0; j0 < keys; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, keys - j0);
-    tile_gemm<T>(cols, rows, p.d, p.scale * static_cast<T>(kLog2e), p.k.row(b, hk, j0), p.k.sn, 1, query_t, kBlockQ,
+    tile_gemm<Isa>(cols, rows, p.d, p.scale * static_cast<T>(kLog2e), p.k.row(b, hk, j0), p.k.sn, 1, query_t, kBlockQ,
                  false, st, kBlockQ);
     online_softmax_tile<T>(st, rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout, row_max, sums,
                            rescale, row_keys.data(), p.dropout);
@@ -260,7 +285,7 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < p.dv; ++c) acc[r * p.dv + c] *= rescale[r];
     // O += P·V with P read transposed out of Sᵀ (strides swapped); the first tile initializes O.
-    tile_gemm<T>(rows, p.dv, cols, T(1), st, 1, kBlockQ, p.v.row(b, hk, j0), p.v.sn, j0 > 0, acc, p.dv);
+    tile_gemm<Isa>(rows, p.dv, cols, T(1), st, 1, kBlockQ, p.v.row(b, hk, j0), p.v.sn, j0 > 0, acc, p.dv);
   }
   for (int64_t r = 0; r < rows; ++r) {
     // A row with every key masked (sum 0) gives 0 and lse = +∞, so backward's exp(s − lse) is 0 there.
@@ -274,9 +299,9 @@ void forward_block(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, T* out
 // dS for one tile, in place of dP (rows × cols, row stride kBlockK): P = 2^(S − lse₂) recomputed from the
 // scores in `s` (which become P∘Z, what dV needs), dS = P∘(Z∘dP − δ).
 template <typename T>
-FASTDL_CPU_CLONES void backward_tile(T* s, T* dp, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
-                                     bool causal, const T* mask, const Mask& mask_layout, const T* lse2,
-                                     const T* delta, int64_t row0, const Dropout& dropout) {
+FASTDL_INLINE void backward_tile(T* s, T* dp, int64_t rows, int64_t cols, int64_t first_row, int64_t first_col,
+                                 bool causal, const T* mask, const Mask& mask_layout, const T* lse2, const T* delta,
+                                 int64_t row0, const Dropout& dropout) {
   const T log2e = static_cast<T>(kLog2e);
   const T kept = static_cast<T>(dropout.scale);
   for (int64_t r = 0; r < rows; ++r) {
@@ -311,9 +336,11 @@ FASTDL_CPU_CLONES void backward_tile(T* s, T* dp, int64_t rows, int64_t cols, in
   }
 }
 
-template <typename T>
-void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operand<T>& grad, const Operand<T>& out,
-                        const T* lse, const Output<T>& dq, const Output<T>& dk, const Output<T>& dv, T* dmask) {
+// One task of the backward, in per-ISA code (with_cpu_isa).
+template <typename Isa, typename T>
+FASTDL_INLINE void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operand<T>& grad,
+                                      const Operand<T>& out, const T* lse, const Output<T>& dq, const Output<T>& dk,
+                                      const Output<T>& dv, T* dmask) {
   const int64_t group = p.group();
   std::vector<T> lse2(group * p.nq), delta(group * p.nq);
   for (int64_t g = 0; g < group; ++g) {
@@ -344,17 +371,17 @@ void backward_head_pair(const Problem<T>& p, int64_t b, int64_t hk, const Operan
         const int64_t rows = std::min(kBlockQ, p.nq - i0);
         const T* q = p.q.row(b, h, i0);
         const T* gi = grad.row(b, h, i0);
-        tile_gemm<T>(rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, 1, key_t.data(), kBlockK, false,
+        tile_gemm<Isa>(rows, cols, p.d, p.scale * static_cast<T>(kLog2e), q, p.q.sn, 1, key_t.data(), kBlockK, false,
                      s.data(), kBlockK);
-        tile_gemm<T>(rows, cols, p.dv, T(1), gi, grad.sn, 1, value_t.data(), kBlockK, false, dp.data(), kBlockK);
+        tile_gemm<Isa>(rows, cols, p.dv, T(1), gi, grad.sn, 1, value_t.data(), kBlockK, false, dp.data(), kBlockK);
         const int64_t row0 = (b * p.heads_q + h) * p.nq + i0;
         backward_tile<T>(s.data(), dp.data(), rows, cols, i0, j0, p.causal, p.mask_tile(b, h, i0, j0), p.mask_layout,
                          lse2.data() + g * p.nq + i0, delta.data() + g * p.nq + i0, row0, p.dropout);
         // Transposed left operands (Pᵀ, dSᵀ) are just swapped strides for the micro-kernel.
-        tile_gemm<T>(cols, p.dv, rows, T(1), s.data(), 1, kBlockK, gi, grad.sn, true, dv_acc.data(), p.dv);
-        tile_gemm<T>(cols, p.d, rows, p.scale, dp.data(), 1, kBlockK, q, p.q.sn, true, dk_acc.data(), p.d);
+        tile_gemm<Isa>(cols, p.dv, rows, T(1), s.data(), 1, kBlockK, gi, grad.sn, true, dv_acc.data(), p.dv);
+        tile_gemm<Isa>(cols, p.d, rows, p.scale, dp.data(), 1, kBlockK, q, p.q.sn, true, dk_acc.data(), p.d);
         // The first key block reaches every query block (causal included), so it initializes dQ.
-        tile_gemm<T>(rows, p.d, cols, p.scale, dp.data(), kBlockK, 1, k, p.k.sn, j0 > 0, dq.row(b, h, i0), dq.sn);
+        tile_gemm<Isa>(rows, p.d, cols, p.scale, dp.data(), kBlockK, 1, k, p.k.sn, j0 > 0, dq.row(b, h, i0), dq.sn);
         if (dmask != nullptr)
           for (int64_t r = 0; r < rows; ++r)
             std::copy(dp.data() + r * kBlockK, dp.data() + r * kBlockK + cols, dmask + (row0 + r) * p.nk + j0);
@@ -422,12 +449,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_kernel(const at::Tensor& qu
     at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer;
       std::vector<uint32_t> row_keys;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t block = task % blocks, h = (task / blocks) % heads, b = task / (blocks * heads);
-        const int64_t i0 = block * kBlockQ;
-        forward_block<scalar_t>(p, b, h, i0, out_data + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2),
-                                out.stride(2), lse_data + (b * heads + h) * nq + i0, buffer, row_keys);
-      }
+      with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t block = task % blocks, h = (task / blocks) % heads, b = task / (blocks * heads);
+          const int64_t i0 = block * kBlockQ;
+          forward_block<decltype(isa)>(p, b, h, i0,
+                                       out_data + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2),
+                                       out.stride(2), lse_data + (b * heads + h) * nq + i0, buffer, row_keys);
+        }
+      });
     });
   });
   return {out, lse};
@@ -462,9 +492,11 @@ at::Tensor attention_backward_into_kernel(const at::Tensor& grad_in, const at::T
                            dv = output<scalar_t>(grad_value);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task)
-        backward_head_pair<scalar_t>(p, task / p.heads_kv, task % p.heads_kv, g, o, lse.data_ptr<scalar_t>(), dq, dk,
-                                     dv, dmask_data);
+      with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+        for (int64_t task = begin; task < end; ++task)
+          backward_head_pair<decltype(isa)>(p, task / p.heads_kv, task % p.heads_kv, g, o, lse.data_ptr<scalar_t>(),
+                                            dq, dk, dv, dmask_data);
+      });
     });
   });
   return dmask;

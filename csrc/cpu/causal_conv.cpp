@@ -116,8 +116,8 @@ void for_each_task(int64_t tasks, const Fn& fn) {
 
 // out[t] = bias + Σ_j w[j]·x[t − s_j] over t in [begin, end), every t − s_j ≥ 0 there. K = 2, 3 fused.
 template <typename scalar_t, int K>
-FASTDL_CPU_CLONES void depthwise_row_fused(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t dilation,
-                                           int64_t begin, int64_t end, scalar_t* out) {
+FASTDL_INLINE void depthwise_row_fused(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t dilation,
+                                       int64_t begin, int64_t end, scalar_t* out) {
   const scalar_t w0 = w[0], w1 = w[1], w2 = K == 3 ? w[2] : scalar_t(0);
   const scalar_t* x0 = x - dilation * (K - 1);
   const scalar_t* x1 = x - dilation * (K - 2);
@@ -130,8 +130,8 @@ FASTDL_CPU_CLONES void depthwise_row_fused(const scalar_t* x, const scalar_t* w,
 
 // out[t] = bias + Σ_j w[j]·x[t − s_j] (x before 0 is 0), for one row of length T.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t taps,
-                                             int64_t dilation, int64_t length, scalar_t* out) {
+FASTDL_INLINE void depthwise_forward_row(const scalar_t* x, const scalar_t* w, scalar_t bias, int64_t taps,
+                                         int64_t dilation, int64_t length, scalar_t* out) {
   const int64_t reach = std::min(length, dilation * (taps - 1));
   if (taps == 2 || taps == 3) {
     // Head (t < reach): some taps fall before 0; the generic passes below handle it on [0, reach).
@@ -147,37 +147,37 @@ FASTDL_CPU_CLONES void depthwise_forward_row(const scalar_t* x, const scalar_t* 
   }
 }
 
-// Σ_{t < count} term(t) in kLanes interleaved partial sums, added up at the end by halving (lane l plus
-// lane l + width, width = kLanes/2 … 1): GCC vectorizes both the sweep (a single running float sum it may
+// Σ_{t < count} term(t) in kPartialSums interleaved partial sums, added up at the end by halving (lane l
+// plus lane l + width, width = kPartialSums/2 … 1): GCC vectorizes both the sweep (a single running float sum it may
 // not reorder, so it would not) and the final tree, which matters when count is short (a streaming step's
 // dot products are ~100 long). The order, hence the result, is the same on every run.
-constexpr int64_t kLanes = 16;
+constexpr int64_t kPartialSums = 16;
 
 template <typename scalar_t, typename Term>
 FASTDL_INLINE scalar_t sum_in_lanes(int64_t count, Term term) {
-  scalar_t lanes[kLanes] = {};
+  scalar_t lanes[kPartialSums] = {};
   int64_t t = 0;
-  for (; t + kLanes <= count; t += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(t + l);
+  for (; t + kPartialSums <= count; t += kPartialSums)
+    for (int64_t l = 0; l < kPartialSums; ++l) lanes[l] += term(t + l);
   for (int64_t l = 0; t + l < count; ++l) lanes[l] += term(t + l);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+  for (int64_t width = kPartialSums / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return lanes[0];
 }
 
 // dx[t] += Σ_j w[j]·g[t + s_j] (t + s_j < T); dw[j] += Σ_{t ≥ s_j} g[t]·x[t − s_j]; db += Σ_t g[t].
 template <typename scalar_t>
-FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t* x, const scalar_t* w, int64_t taps,
-                                              int64_t dilation, int64_t length, scalar_t* dx, scalar_t* dw,
-                                              scalar_t* db) {
-  *db += sum_in_lanes<scalar_t>(length, [&](int64_t t) { return g[t]; });
+FASTDL_INLINE void depthwise_backward_row(const scalar_t* g, const scalar_t* x, const scalar_t* w, int64_t taps,
+                                          int64_t dilation, int64_t length, scalar_t* dx, scalar_t* dw,
+                                          scalar_t* db) {
+  *db += sum_in_lanes<scalar_t>(length, [&](int64_t t) FASTDL_INLINE_LAMBDA { return g[t]; });
   for (int64_t j = 0; j < taps; ++j) {
     const int64_t shift = dilation * (taps - 1 - j);
     if (shift >= length) continue;
     const scalar_t wj = w[j];
     const scalar_t* g_shifted = g + shift;
     for (int64_t t = 0; t < length - shift; ++t) dx[t] += wj * g_shifted[t];
-    dw[j] += sum_in_lanes<scalar_t>(length - shift, [&](int64_t t) { return g_shifted[t] * x[t]; });
+    dw[j] += sum_in_lanes<scalar_t>(length - shift, [&](int64_t t) FASTDL_INLINE_LAMBDA { return g_shifted[t] * x[t]; });
   }
 }
 
@@ -191,9 +191,8 @@ FASTDL_CPU_CLONES void depthwise_backward_row(const scalar_t* g, const scalar_t*
 // One BLAS GEMM per tap would pack the strided src rows again for every call, zero or rescale out
 // between taps and leave the bias to another pass over out. This kernel reads src in place instead and
 // keeps a tile of kRows outputs × kVectors vectors of consecutive steps in registers over every tap and
-// channel, so each output is written once, bias included. The tile's shape is picked per instruction set
-// (register count and vector width), hence explicit per-ISA instantiations rather than FASTDL_CPU_CLONES,
-// whose clones all share one source and so one tile shape.
+// channel, so each output is written once, bias included. The tile's shape is the ISA's broadcast tile
+// (isa.h: Isa::kTileRows rows × Isa::kTileVecs vectors).
 
 // P_j of every group, laid out for the tile kernel: per group, per block of block_rows output rows, per
 // tap, per input row c, the block's block_rows coefficients side by side (zeros past the last row, so a
@@ -228,26 +227,15 @@ struct ShiftedProduct {
   int64_t length, rows, columns, taps;
 };
 
-// A GCC vector of kBytes / sizeof(scalar_t) lanes (the attribute needs a non-dependent element type).
-template <typename scalar_t, int kBytes>
-struct Vector;
-template <int kBytes>
-struct Vector<float, kBytes> {
-  typedef float type __attribute__((vector_size(kBytes)));
-};
-template <int kBytes>
-struct Vector<double, kBytes> {
-  typedef double type __attribute__((vector_size(kBytes)));
-};
-
 // out tile (kRows × kVectors vectors) = init + Σ_j Σ_c coefficients · sources[j][c·stride …]; stores the
 // first rows_valid rows.
-template <typename scalar_t, int kRows, int kVectors, int kBytes>
+template <typename Isa, typename scalar_t>
 FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, int64_t taps, int64_t columns,
                                 const scalar_t* coefficients, const scalar_t* init, int64_t rows_valid, scalar_t* out,
                                 int64_t out_stride) {
-  using vec = typename Vector<scalar_t, kBytes>::type;
-  constexpr int kLanes = kBytes / sizeof(scalar_t);
+  using vec = Vec<scalar_t, Isa>;
+  constexpr int kRows = Isa::kTileRows, kVectors = Isa::kTileVecs;
+  constexpr int64_t lanes = kLanes<scalar_t, Isa>;
   vec acc[kRows][kVectors];
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r) {
@@ -261,10 +249,10 @@ FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, 
     for (int64_t c = 0; c < columns; ++c, src += stride, coefficient += kRows) {
       vec x[kVectors];
 #pragma GCC unroll 4
-      for (int v = 0; v < kVectors; ++v) std::memcpy(&x[v], src + v * kLanes, kBytes);
+      for (int v = 0; v < kVectors; ++v) x[v] = load_vec<Isa>(src + v * lanes);
 #pragma GCC unroll 16
       for (int r = 0; r < kRows; ++r) {
-        const vec w = coefficient[r] - vec{};  // a broadcast (x − 0 is x exactly, so GCC drops the subtraction)
+        const scalar_t w = coefficient[r];
 #pragma GCC unroll 4
         for (int v = 0; v < kVectors; ++v) acc[r][v] += w * x[v];
       }
@@ -274,7 +262,7 @@ FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, 
   for (int r = 0; r < kRows; ++r)
     if (r < rows_valid)
 #pragma GCC unroll 4
-      for (int v = 0; v < kVectors; ++v) std::memcpy(out + r * out_stride + v * kLanes, &acc[r][v], kBytes);
+      for (int v = 0; v < kVectors; ++v) store_vec<Isa>(out + r * out_stride + v * lanes, acc[r][v]);
 }
 
 // Columns [begin, end) of a shifted product, one tile width at a time, every row block per tile. Each
@@ -283,9 +271,9 @@ FASTDL_INLINE void product_tile(const scalar_t* const* sources, int64_t stride, 
 // other before the next row block reads them again; the copy stays in L1 across the blocks. The copy
 // also supplies the zeros where src reaches outside [0, T) (the causal head of the forward, the tail of
 // ∂x), and a tile cut short by `end` is written through a small buffer.
-template <typename scalar_t, int kRows, int kVectors, int kBytes>
+template <typename Isa, typename scalar_t>
 FASTDL_INLINE void shifted_product(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
-  constexpr int64_t kColumns = kVectors * (kBytes / sizeof(scalar_t));
+  constexpr int64_t kRows = Isa::kTileRows, kColumns = Isa::kTileVecs * kLanes<scalar_t, Isa>;
   const int64_t blocks = (p.rows + kRows - 1) / kRows, block_size = p.taps * p.columns * kRows;
   std::vector<const scalar_t*> sources(p.taps);
   std::vector<scalar_t> staged_src(p.taps * p.columns * kColumns), staged_out(kRows * kColumns);
@@ -311,10 +299,8 @@ FASTDL_INLINE void shifted_product(const ShiftedProduct<scalar_t>& p, int64_t be
       const int64_t row0 = block * kRows, rows_valid = std::min<int64_t>(kRows, p.rows - row0);
       const scalar_t* init = p.init != nullptr ? p.init + row0 : nullptr;
       const bool whole = width == kColumns;
-      product_tile<scalar_t, kRows, kVectors, kBytes>(sources.data(), kColumns, p.taps, p.columns,
-                                                      p.packed + block * block_size, init, rows_valid,
-                                                      whole ? p.out + row0 * p.length + t0 : staged_out.data(),
-                                                      whole ? p.length : kColumns);
+      product_tile<Isa>(sources.data(), kColumns, p.taps, p.columns, p.packed + block * block_size, init, rows_valid,
+                        whole ? p.out + row0 * p.length + t0 : staged_out.data(), whole ? p.length : kColumns);
       if (!whole)
         for (int64_t r = 0; r < rows_valid; ++r)
           std::copy_n(staged_out.data() + r * kColumns, width, p.out + (row0 + r) * p.length + t0);
@@ -322,37 +308,9 @@ FASTDL_INLINE void shifted_product(const ShiftedProduct<scalar_t>& p, int64_t be
   }
 }
 
-// Tile shapes: accumulators plus the src vectors and a broadcast weight fit the register file (AVX-512:
-// 16 of 32 zmm; AVX2: 12 of 16 ymm; SSE2: 8 of 16 xmm), with enough independent accumulators to cover
-// the FMA latency.
-template <typename scalar_t>
-__attribute__((target("avx512f,fma"))) void shifted_product_avx512(const ShiftedProduct<scalar_t>& p, int64_t begin,
-                                                                   int64_t end) {
-  shifted_product<scalar_t, 8, 2, 64>(p, begin, end);
-}
-
-template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void shifted_product_avx2(const ShiftedProduct<scalar_t>& p, int64_t begin,
-                                                              int64_t end) {
-  shifted_product<scalar_t, 6, 2, 32>(p, begin, end);
-}
-
-template <typename scalar_t>
-void shifted_product_baseline(const ShiftedProduct<scalar_t>& p, int64_t begin, int64_t end) {
-  shifted_product<scalar_t, 4, 2, 16>(p, begin, end);
-}
-
-template <typename scalar_t>
-struct ShiftedProductKernel {
-  void (*run)(const ShiftedProduct<scalar_t>&, int64_t, int64_t);
-  int64_t block_rows;  // kRows of run's tile: what pack_blocks must use
-};
-
-template <typename scalar_t>
-ShiftedProductKernel<scalar_t> shifted_product_kernel() {
-  if (__builtin_cpu_supports("avx512f")) return {shifted_product_avx512<scalar_t>, 8};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {shifted_product_avx2<scalar_t>, 6};
-  return {shifted_product_baseline<scalar_t>, 4};
+// The rows of `isa`'s tile: what pack_blocks must use for shifted_product under that ISA.
+int64_t tile_rows(CpuIsa isa) {
+  return with_cpu_isa(isa, [](auto tag) FASTDL_INLINE_LAMBDA { return int64_t{decltype(tag)::kTileRows}; });
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -360,8 +318,8 @@ ShiftedProductKernel<scalar_t> shifted_product_kernel() {
 template <typename scalar_t>
 void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
-  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
-  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/false, kernel.block_rows);
+  const CpuIsa isa = cpu_isa();  // one ISA for the packing and the products (its tile rows)
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/false, tile_rows(isa));
   const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
   std::vector<int64_t> offsets(s.taps);
   for (int64_t j = 0; j < s.taps; ++j) offsets[j] = -s.shift(j);
@@ -373,7 +331,9 @@ void dense_forward(const Shape& s, const scalar_t* x, const scalar_t* w, const s
                                            packed.data() + group * group_size,
                                            bias != nullptr ? bias + group * cog : nullptr,
                                            offsets.data(), s.length, cog, cig, s.taps};
-    kernel.run(product, chunk * kTimeChunk, std::min(s.length, (chunk + 1) * kTimeChunk));
+    with_cpu_isa(isa, [&](auto tag) FASTDL_INLINE_LAMBDA {
+      shifted_product<decltype(tag)>(product, chunk * kTimeChunk, std::min(s.length, (chunk + 1) * kTimeChunk));
+    });
   });
 }
 
@@ -383,12 +343,14 @@ void depthwise_forward(const Shape& s, const scalar_t* x, const scalar_t* w, con
   const int64_t rows = s.batch * s.out_channels;
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, s.length));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / s.out_channels, o = row % s.out_channels;
-      depthwise_forward_row(x + (n * s.in_channels + o / multiplier) * s.length, w + o * s.taps,
-                            bias != nullptr ? bias[o] : scalar_t(0), s.taps, s.dilation, s.length,
-                            y + row * s.length);
-    }
+    with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / s.out_channels, o = row % s.out_channels;
+        depthwise_forward_row(x + (n * s.in_channels + o / multiplier) * s.length, w + o * s.taps,
+                              bias != nullptr ? bias[o] : scalar_t(0), s.taps, s.dilation, s.length,
+                              y + row * s.length);
+      }
+    });
   });
 }
 
@@ -434,8 +396,8 @@ template <typename scalar_t>
 void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dx,
                     scalar_t* dw_taps, scalar_t* db) {
   const int64_t cig = s.in_per_group(), cog = s.out_per_group();
-  const ShiftedProductKernel<scalar_t> kernel = shifted_product_kernel<scalar_t>();
-  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/true, kernel.block_rows);
+  const CpuIsa isa = cpu_isa();  // one ISA for the packing and the products (its tile rows)
+  const std::vector<scalar_t> packed = pack_blocks(w, s, /*transposed=*/true, tile_rows(isa));
   const int64_t group_size = static_cast<int64_t>(packed.size()) / s.groups;
   std::vector<int64_t> offsets(s.taps);
   for (int64_t j = 0; j < s.taps; ++j) offsets[j] = s.shift(j);
@@ -455,7 +417,7 @@ void dense_backward(const Shape& s, const scalar_t* g, const scalar_t* x, const 
     for (int64_t t0 = begin; t0 < end; t0 += kTimeChunk) {
       const int64_t t1 = std::min(end, t0 + kTimeChunk);
       // dX[:, t] = Σ_j W_jᵀ · G[:, t + s_j] (G past T is 0).
-      kernel.run(dx_product, t0, t1);
+      with_cpu_isa(isa, [&](auto tag) FASTDL_INLINE_LAMBDA { shifted_product<decltype(tag)>(dx_product, t0, t1); });
       // dW_j += G[:, t] · X[:, t − s_j]ᵀ over t in [max(t0, s_j), t1).
       for (int64_t j = 0; j < s.taps; ++j) {
         const int64_t shift = s.shift(j), first = std::max(t0, shift);
@@ -486,19 +448,21 @@ void depthwise_backward(const Shape& s, const scalar_t* g, const scalar_t* x, co
                         scalar_t* dw, scalar_t* db) {
   const int64_t multiplier = s.out_per_group();
   at::parallel_for(0, s.in_channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o) {
-        std::fill(dw + o * s.taps, dw + (o + 1) * s.taps, scalar_t(0));
-        db[o] = 0;
+    with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o) {
+          std::fill(dw + o * s.taps, dw + (o + 1) * s.taps, scalar_t(0));
+          db[o] = 0;
+        }
+        for (int64_t n = 0; n < s.batch; ++n) {
+          scalar_t* dx_row = dx + (n * s.in_channels + c) * s.length;
+          std::fill(dx_row, dx_row + s.length, scalar_t(0));
+          for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o)
+            depthwise_backward_row(g + (n * s.out_channels + o) * s.length, x + (n * s.in_channels + c) * s.length,
+                                   w + o * s.taps, s.taps, s.dilation, s.length, dx_row, dw + o * s.taps, db + o);
+        }
       }
-      for (int64_t n = 0; n < s.batch; ++n) {
-        scalar_t* dx_row = dx + (n * s.in_channels + c) * s.length;
-        std::fill(dx_row, dx_row + s.length, scalar_t(0));
-        for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o)
-          depthwise_backward_row(g + (n * s.out_channels + o) * s.length, x + (n * s.in_channels + c) * s.length,
-                                 w + o * s.taps, s.taps, s.dilation, s.length, dx_row, dw + o * s.taps, db + o);
-      }
-    }
+    });
   });
 }
 
@@ -539,9 +503,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Te
 // as the weight's (C_in/g, k) rows are, each output is one contiguous dot product of length (C_in/g)·k
 // with its weight row: the weight is read in its own layout, nothing is permuted or copied per step.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void step_outputs(const scalar_t* window, const scalar_t* w, const scalar_t* bias,
-                                    int64_t in_channels, int64_t out_channels, int64_t taps, int64_t row_length,
-                                    int64_t out_per_group, int64_t begin, int64_t end, scalar_t* y) {
+FASTDL_INLINE void step_outputs(const scalar_t* window, const scalar_t* w, const scalar_t* bias, int64_t in_channels,
+                                int64_t out_channels, int64_t taps, int64_t row_length, int64_t out_per_group,
+                                int64_t begin, int64_t end, scalar_t* y) {
   // (image n, output o, o's group, o's index in it) of row = n·C_out + o, advanced without divisions.
   int64_t n = begin / out_channels, o = begin % out_channels, group = o / out_per_group, in_group = o % out_per_group;
   for (int64_t row = begin; row < end; ++row) {
@@ -616,8 +580,10 @@ at::Tensor causal_conv_step(const at::Tensor& input_, at::Tensor& buffer, int64_
     const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, row_length));
     const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, batch * out_channels, grain, [&](int64_t begin, int64_t end) {
-      step_outputs(window.data(), weight.const_data_ptr<scalar_t>(), b, in_channels, out_channels, taps, row_length,
-                   out_channels / groups, begin, end, output.mutable_data_ptr<scalar_t>());
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        step_outputs(window.data(), weight.const_data_ptr<scalar_t>(), b, in_channels, out_channels, taps, row_length,
+                     out_channels / groups, begin, end, output.mutable_data_ptr<scalar_t>());
+      });
     });
   });
   return output;
@@ -635,18 +601,13 @@ at::Tensor causal_conv_step_from_python(const at::Tensor& input, at::Tensor& buf
 }
 
 const PythonFunctions registered([](PyObject* module) {
-  try {
-    pybind11::reinterpret_borrow<pybind11::module_>(module).def(
-        "causal_conv_step", &causal_conv_step_from_python, pybind11::arg("input"), pybind11::arg("buffer"),
-        pybind11::arg("position"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("dilation"),
-        pybind11::arg("groups"),
-        "One streaming step of a causal conv layer on CPU tensors, as torch.ops.fastdl.causal_conv_step: "
-        "returns y_t (N, C_out) and writes input into ring slot position mod (R + 1) of buffer.");
-  } catch (pybind11::error_already_set& error) {
-    error.restore();
-    return -1;
-  }
-  return 0;
+  return define_pybind11(module, [](pybind11::module_ m) {
+    m.def("causal_conv_step", &causal_conv_step_from_python, pybind11::arg("input"), pybind11::arg("buffer"),
+          pybind11::arg("position"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("dilation"),
+          pybind11::arg("groups"),
+          "One streaming step of a causal conv layer on CPU tensors, as torch.ops.fastdl.causal_conv_step: "
+          "returns y_t (N, C_out) and writes input into ring slot position mod (R + 1) of buffer.");
+  });
 });
 
 }  // namespace

@@ -1,14 +1,7 @@
-// Shared by the CPU kernels: run-time instruction-set selection and vectorizable math.
+// Shared by the CPU kernels: vectorizable math. Per-ISA code and vector types are in isa.h.
 //
-// Wheels must run on any x86-64 CPU, so nothing is compiled with -march=native. Instead the hot loops of
-// each kernel sit in functions marked FASTDL_CPU_CLONES: GCC compiles one copy per listed target and an
-// ifunc resolver picks the best one for the running CPU when the library is loaded. The targets are the
-// x86-64 ISA levels (baseline SSE2; v3 = AVX2 + FMA + BMI; v4 = AVX-512 F/BW/CD/DQ/VL), which GCC ≥ 12
-// resolves by CPU feature bits, on AMD and Intel alike (CPU-model names such as "arch=haswell" would
-// match Intel models only). A clone named "avx2" alone would lack FMA, which AVX2 does not imply. Older
-// GCC falls back to the feature names. The loops are written so that the compiler can vectorize them (no calls, no
-// data-dependent branches), and every helper they call is always_inline so it is compiled for the
-// clone's target too.
+// The helpers here are always_inline and free of calls and data-dependent branches, so a loop calling
+// them inside per-ISA code (with_cpu_isa) vectorizes at that ISA's width.
 #pragma once
 
 #include <cmath>
@@ -17,41 +10,10 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define FASTDL_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTDL_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define FASTDL_CPU_CLONES
-#endif
-
-#define FASTDL_INLINE inline __attribute__((always_inline))
-// For lambdas called in a hot loop of a FASTDL_CPU_CLONES function: a lambda is a function of its own,
-// compiled for the baseline target unless it is inlined into the clone, so force that.
-#define FASTDL_INLINE_LAMBDA __attribute__((always_inline))
+#include "isa.h"
 
 namespace fastdl {
 namespace cpu {
-
-// A 64-byte block of scalars as one value (GCC vector extension): one AVX-512 register in the v4 clone,
-// two AVX2 or four SSE registers in the others. Kernels spell their inner loops over these because GCC
-// scalarized the same loops written over arrays, and named accumulator vectors stay in registers where a
-// lanes[] array spilled to the stack. Spelled per type: GCC drops vector_size from an alias template's
-// dependent type.
-typedef float VecFloat __attribute__((vector_size(64)));
-typedef double VecDouble __attribute__((vector_size(64)));
-template <typename T>
-using Vec = std::conditional_t<std::is_same_v<T, float>, VecFloat, VecDouble>;
-template <typename T>
-constexpr int64_t kVecLanes = 64 / sizeof(T);
-
-// An unaligned load of one Vec.
-template <typename T>
-FASTDL_INLINE Vec<T> load_vec(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 FASTDL_INLINE float bits_to_float(int32_t bits) {
   float value;

@@ -52,8 +52,8 @@ FASTDL_INLINE void window_range(int64_t o, int64_t size, int64_t kernel, int64_t
 // Running max over the channels of one window position. The offset is kept in scalar_t (exact far beyond
 // any window size) so that value and offset selects have the same width and the loop vectorizes.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void max_step(const scalar_t* __restrict z, scalar_t* __restrict best, scalar_t* __restrict offset,
-                                scalar_t position, int64_t channels) {
+FASTDL_INLINE void max_step(const scalar_t* __restrict z, scalar_t* __restrict best, scalar_t* __restrict offset,
+                            scalar_t position, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t v = z[c];
     const bool take = (v > best[c]) | (v != v);  // a NaN wins, as in max_pool2d
@@ -74,9 +74,9 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 template <typename scalar_t, typename index_t>
-FASTDL_CPU_CLONES void finish_window(const scalar_t* __restrict best, const scalar_t* __restrict offset,
-                                     const scalar_t* __restrict bias, scalar_t* __restrict y, index_t* __restrict a,
-                                     int64_t channel_stride, int64_t channels) {
+FASTDL_INLINE void finish_window(const scalar_t* __restrict best, const scalar_t* __restrict offset,
+                                 const scalar_t* __restrict bias, scalar_t* __restrict y, index_t* __restrict a,
+                                 int64_t channel_stride, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t value = best[c] + bias[c];
     const bool clipped = value <= 0;  // false for NaN, which passes through ReLU
@@ -97,27 +97,29 @@ void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bi
     std::vector<scalar_t> work(2 * C);
     scalar_t* best = work.data();
     scalar_t* offset = work.data() + C;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.out_height, oh = row % g.out_height;
-      int64_t i0, i1;
-      window_range(oh, g.height, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h, i0, i1);
-      for (int64_t ow = 0; ow < g.out_width; ++ow) {
-        int64_t j0, j1;
-        window_range(ow, g.width, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w, j0, j1);
-        std::fill(best, best + C, -std::numeric_limits<scalar_t>::infinity());
-        std::fill(offset, offset + C, scalar_t(0));
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t h = oh * g.stride_h - g.padding_h + i * g.dilation_h;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t w = ow * g.stride_w - g.padding_w + j * g.dilation_w;
-            max_step(z + ((n * g.height + h) * g.width + w) * C, best, offset,
-                     static_cast<scalar_t>(i * g.kernel_w + j), C);
+    with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.out_height, oh = row % g.out_height;
+        int64_t i0, i1;
+        window_range(oh, g.height, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h, i0, i1);
+        for (int64_t ow = 0; ow < g.out_width; ++ow) {
+          int64_t j0, j1;
+          window_range(ow, g.width, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w, j0, j1);
+          std::fill(best, best + C, -std::numeric_limits<scalar_t>::infinity());
+          std::fill(offset, offset + C, scalar_t(0));
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t h = oh * g.stride_h - g.padding_h + i * g.dilation_h;
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t w = ow * g.stride_w - g.padding_w + j * g.dilation_w;
+              max_step(z + ((n * g.height + h) * g.width + w) * C, best, offset,
+                       static_cast<scalar_t>(i * g.kernel_w + j), C);
+            }
           }
+          const int64_t at = out.at(n, oh, ow);
+          finish_window(best, offset, bias, y + at, a + at, out.c, C);
         }
-        const int64_t at = out.at(n, oh, ow);
-        finish_window(best, offset, bias, y + at, a + at, out.c, C);
       }
-    }
+    });
   });
 }
 
@@ -128,9 +130,9 @@ void bias_relu_pool(const PoolGeometry& g, const scalar_t* z, const scalar_t* bi
 // One window's gradient and argmax for a run of channels, copied out of their (possibly strided) layout
 // into contiguous buffers; the bias gradient, Σ over windows of g where a ≥ 0, accumulates on the way.
 template <typename scalar_t, typename index_t>
-FASTDL_CPU_CLONES void load_window(const scalar_t* __restrict grad, int64_t grad_stride, const index_t* __restrict a,
-                                   int64_t a_stride, scalar_t* __restrict grad_out, index_t* __restrict a_out,
-                                   double* __restrict bias_sum, int64_t channels) {
+FASTDL_INLINE void load_window(const scalar_t* __restrict grad, int64_t grad_stride, const index_t* __restrict a,
+                               int64_t a_stride, scalar_t* __restrict grad_out, index_t* __restrict a_out,
+                               double* __restrict bias_sum, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t g = grad[c * grad_stride];
     const index_t offset = a[c * a_stride];
@@ -143,8 +145,8 @@ FASTDL_CPU_CLONES void load_window(const scalar_t* __restrict grad, int64_t grad
 // grad_z[c] += g[c] where this window's argmax is `position`. One vectorized sweep per window position
 // instead of a per-channel scatter (whose target address would depend on the data).
 template <typename scalar_t, typename index_t>
-FASTDL_CPU_CLONES void route_step(const scalar_t* __restrict grad, const index_t* __restrict a,
-                                  scalar_t* __restrict grad_z, index_t position, int64_t channels) {
+FASTDL_INLINE void route_step(const scalar_t* __restrict grad, const index_t* __restrict a,
+                              scalar_t* __restrict grad_z, index_t position, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) grad_z[c] += a[c] == position ? grad[c] : scalar_t(0);
 }
 
@@ -164,32 +166,34 @@ void route_grad(const PoolGeometry& g, const scalar_t* grad, Strides grad_stride
   at::parallel_for(0, g.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> grad_window(chunk);
     std::vector<index_t> a_window(chunk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, c0 = (task % chunks) * chunk, width = std::min(chunk, C - c0);
-      if (width <= 0) continue;
-      scalar_t* image = grad_z + n * g.height * g.width * C + c0;
-      for (int64_t p = 0; p < g.height * g.width; ++p) std::fill(image + p * C, image + p * C + width, scalar_t(0));
-      double* bias_sum = bias_sums.data() + n * C + c0;
-      for (int64_t oh = 0; oh < g.out_height; ++oh) {
-        int64_t i0, i1;
-        window_range(oh, g.height, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h, i0, i1);
-        for (int64_t ow = 0; ow < g.out_width; ++ow) {
-          int64_t j0, j1;
-          window_range(ow, g.width, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w, j0, j1);
-          load_window(grad + grad_strides.at(n, oh, ow) + c0 * grad_strides.c, grad_strides.c,
-                      a + a_strides.at(n, oh, ow) + c0 * a_strides.c, a_strides.c, grad_window.data(),
-                      a_window.data(), bias_sum, width);
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t h = oh * g.stride_h - g.padding_h + i * g.dilation_h;
-            for (int64_t j = j0; j < j1; ++j) {
-              const int64_t w = ow * g.stride_w - g.padding_w + j * g.dilation_w;
-              route_step(grad_window.data(), a_window.data(), image + (h * g.width + w) * C,
-                         static_cast<index_t>(i * g.kernel_w + j), width);
+    with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks, c0 = (task % chunks) * chunk, width = std::min(chunk, C - c0);
+        if (width <= 0) continue;
+        scalar_t* image = grad_z + n * g.height * g.width * C + c0;
+        for (int64_t p = 0; p < g.height * g.width; ++p) std::fill(image + p * C, image + p * C + width, scalar_t(0));
+        double* bias_sum = bias_sums.data() + n * C + c0;
+        for (int64_t oh = 0; oh < g.out_height; ++oh) {
+          int64_t i0, i1;
+          window_range(oh, g.height, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h, i0, i1);
+          for (int64_t ow = 0; ow < g.out_width; ++ow) {
+            int64_t j0, j1;
+            window_range(ow, g.width, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w, j0, j1);
+            load_window(grad + grad_strides.at(n, oh, ow) + c0 * grad_strides.c, grad_strides.c,
+                        a + a_strides.at(n, oh, ow) + c0 * a_strides.c, a_strides.c, grad_window.data(),
+                        a_window.data(), bias_sum, width);
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t h = oh * g.stride_h - g.padding_h + i * g.dilation_h;
+              for (int64_t j = j0; j < j1; ++j) {
+                const int64_t w = ow * g.stride_w - g.padding_w + j * g.dilation_w;
+                route_step(grad_window.data(), a_window.data(), image + (h * g.width + w) * C,
+                           static_cast<index_t>(i * g.kernel_w + j), width);
+              }
             }
           }
         }
       }
-    }
+    });
   });
   if (grad_bias == nullptr) return;
   for (int64_t c = 0; c < C; ++c) {
@@ -252,34 +256,26 @@ FASTDL_INLINE void for_each_tap_run(const ConvGeometry& cg, int64_t h, int64_t w
 }
 
 // out[k] += Σ_q g[q] · sources[q][offset + k] for k < length. The sum over q runs in registers, one
-// 64-byte block of k at a time, in four independent chains (q mod 4) so that the multiply-adds do not wait
-// on each other; `out` is read and written once per block. (Accumulating straight into `out`, source by
+// vector of k at a time, in four independent chains (q mod 4) so that the multiply-adds do not wait on
+// each other; `out` is read and written once per vector. (Accumulating straight into `out`, source by
 // source, is bound by those loads and stores.)
-template <typename scalar_t>
+template <typename Isa, typename scalar_t>
 FASTDL_INLINE void add_scaled_rows(scalar_t* __restrict out, const scalar_t* const* sources, int64_t offset,
                                    const scalar_t* g, int64_t count, int64_t length) {
-  constexpr int64_t kBlock = 64 / sizeof(scalar_t);
+  using V = Vec<scalar_t, Isa>;
+  constexpr int64_t kBlock = kLanes<scalar_t, Isa>;
   int64_t k = 0;
   for (; k + kBlock <= length; k += kBlock) {
-    Vec<scalar_t> sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {}, v0, v1, v2, v3;
+    V sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {};
     int64_t q = 0;
     for (; q + 4 <= count; q += 4) {
-      v0 = load_vec(sources[q] + offset + k);
-      v1 = load_vec(sources[q + 1] + offset + k);
-      v2 = load_vec(sources[q + 2] + offset + k);
-      v3 = load_vec(sources[q + 3] + offset + k);
-      sum0 += g[q] * v0;
-      sum1 += g[q + 1] * v1;
-      sum2 += g[q + 2] * v2;
-      sum3 += g[q + 3] * v3;
+      sum0 += g[q] * load_vec<Isa>(sources[q] + offset + k);
+      sum1 += g[q + 1] * load_vec<Isa>(sources[q + 1] + offset + k);
+      sum2 += g[q + 2] * load_vec<Isa>(sources[q + 2] + offset + k);
+      sum3 += g[q + 3] * load_vec<Isa>(sources[q + 3] + offset + k);
     }
-    for (; q < count; ++q) {
-      v0 = load_vec(sources[q] + offset + k);
-      sum0 += g[q] * v0;
-    }
-    v0 = load_vec(out + k);
-    v0 += (sum0 + sum1) + (sum2 + sum3);
-    std::memcpy(out + k, &v0, sizeof v0);
+    for (; q < count; ++q) sum0 += g[q] * load_vec<Isa>(sources[q] + offset + k);
+    store_vec<Isa>(out + k, load_vec<Isa>(out + k) + ((sum0 + sum1) + (sum2 + sum3)));
   }
   for (; k < length; ++k) {  // the tail of a run that is not a whole number of blocks
     scalar_t sum = 0;
@@ -300,11 +296,11 @@ struct Gathered {
 // group's output channels are bucketed by argmax offset (a counting sort): the channels of one bucket hit
 // the same position of z, so their filters are summed into the same taps together. Contributions arrive in
 // a fixed order (window by window, bucket by bucket, channel by channel), whatever the split into tasks.
-template <typename scalar_t, typename index_t>
-FASTDL_CPU_CLONES void scatter_input_grad(const PoolGeometry& pg, const ConvGeometry& cg, const scalar_t* grad,
-                                          Strides grad_strides, const index_t* a, Strides a_strides,
-                                          const scalar_t* weight, scalar_t* grad_input, int64_t n, int64_t group,
-                                          int64_t k0, int64_t width, Gathered<scalar_t>& scratch) {
+template <typename Isa, typename scalar_t, typename index_t>
+FASTDL_INLINE void scatter_input_grad(const PoolGeometry& pg, const ConvGeometry& cg, const scalar_t* grad,
+                                      Strides grad_strides, const index_t* a, Strides a_strides,
+                                      const scalar_t* weight, scalar_t* grad_input, int64_t n, int64_t group,
+                                      int64_t k0, int64_t width, Gathered<scalar_t>& scratch) {
   scalar_t* image = grad_input + n * cg.height * cg.width * cg.in_channels;
   const int64_t first_channel = group * cg.group_in() + k0;
   for (int64_t p = 0; p < cg.height * cg.width; ++p)
@@ -333,7 +329,8 @@ FASTDL_CPU_CLONES void scatter_input_grad(const PoolGeometry& pg, const ConvGeom
         int64_t h, w;
         argmax_position(pg, oh, ow, o - 1, h, w);
         for_each_tap_run(cg, h, w, group, k0, width, [&](int64_t at, int64_t tap, int64_t length) FASTDL_INLINE_LAMBDA {
-          add_scaled_rows(image + at, scratch.sources.data() + begin, tap, scratch.g.data() + begin, count, length);
+          add_scaled_rows<Isa>(image + at, scratch.sources.data() + begin, tap, scratch.g.data() + begin, count,
+                               length);
         });
       }
     }
@@ -343,11 +340,11 @@ FASTDL_CPU_CLONES void scatter_input_grad(const PoolGeometry& pg, const ConvGeom
 // Image n's share of ∂L/∂w[c], in (KH, KW, C_in/groups) order, into `image_sum`; returns its share of
 // ∂L/∂b[c] (in double). `padded` is x in NHWC with the convolution's zero padding made explicit, so that
 // every tap of every window is in bounds and all of the image's windows go through add_scaled_rows together.
-template <typename scalar_t, typename index_t>
-FASTDL_CPU_CLONES double image_weight_grad(const PoolGeometry& pg, const ConvGeometry& cg, const scalar_t* grad,
-                                           Strides grad_strides, const index_t* a, Strides a_strides,
-                                           const scalar_t* padded, int64_t c, int64_t n, scalar_t* image_sum,
-                                           Gathered<scalar_t>& scratch) {
+template <typename Isa, typename scalar_t, typename index_t>
+FASTDL_INLINE double image_weight_grad(const PoolGeometry& pg, const ConvGeometry& cg, const scalar_t* grad,
+                                       Strides grad_strides, const index_t* a, Strides a_strides,
+                                       const scalar_t* padded, int64_t c, int64_t n, scalar_t* image_sum,
+                                       Gathered<scalar_t>& scratch) {
   const int64_t group = c / cg.group_out();
   const int64_t padded_h = cg.height + 2 * cg.padding_h, padded_w = cg.width + 2 * cg.padding_w;
   const int64_t row = padded_w * cg.in_channels;  // one padded image row
@@ -373,13 +370,13 @@ FASTDL_CPU_CLONES double image_weight_grad(const PoolGeometry& pg, const ConvGeo
   for (int64_t i = 0; i < cg.kernel_h; ++i) {
     const int64_t row_offset = i * cg.dilation_h * row;
     if (whole_rows) {
-      add_scaled_rows(image_sum + i * cg.kernel_w * cg.group_in(), scratch.sources.data(), row_offset,
-                      scratch.g.data(), count, cg.kernel_w * cg.in_channels);
+      add_scaled_rows<Isa>(image_sum + i * cg.kernel_w * cg.group_in(), scratch.sources.data(), row_offset,
+                           scratch.g.data(), count, cg.kernel_w * cg.in_channels);
       continue;
     }
     for (int64_t j = 0; j < cg.kernel_w; ++j)
-      add_scaled_rows(image_sum + (i * cg.kernel_w + j) * cg.group_in(), scratch.sources.data(),
-                      row_offset + j * cg.dilation_w * cg.in_channels, scratch.g.data(), count, cg.group_in());
+      add_scaled_rows<Isa>(image_sum + (i * cg.kernel_w + j) * cg.group_in(), scratch.sources.data(),
+                           row_offset + j * cg.dilation_w * cg.in_channels, scratch.g.data(), count, cg.group_in());
   }
   return bias_sum;
 }
@@ -400,13 +397,15 @@ void conv_backward_sparse(const PoolGeometry& pg, const ConvGeometry& cg, const 
     at::parallel_for(0, images * chunks, 1, [&](int64_t begin, int64_t end) {
       Gathered<scalar_t> scratch{std::vector<const scalar_t*>(cg.group_out()), std::vector<scalar_t>(cg.group_out()),
                                  std::vector<int64_t>(pg.kernel_h * pg.kernel_w + 2)};
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t group = task / chunks / pg.batch, n = task / chunks % pg.batch;
-        const int64_t k0 = task % chunks * chunk, width = std::min(chunk, cg.group_in() - k0);
-        if (width > 0)
-          scatter_input_grad(pg, cg, grad, grad_strides, a, a_strides, weight, grad_input, n, group, k0, width,
-                             scratch);
-      }
+      with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t group = task / chunks / pg.batch, n = task / chunks % pg.batch;
+          const int64_t k0 = task % chunks * chunk, width = std::min(chunk, cg.group_in() - k0);
+          if (width > 0)
+            scatter_input_grad<decltype(isa)>(pg, cg, grad, grad_strides, a, a_strides, weight, grad_input, n, group,
+                                              k0, width, scratch);
+        }
+      });
     });
   }
   if (grad_weight == nullptr && grad_bias == nullptr) return;
@@ -422,31 +421,33 @@ void conv_backward_sparse(const PoolGeometry& pg, const ConvGeometry& cg, const 
     std::vector<scalar_t> image_sum(size);
     std::vector<double> total(kChannelBlock * size), bias_sum(kChannelBlock);
     Gathered<scalar_t> scratch{std::vector<const scalar_t*>(pooled), std::vector<scalar_t>(pooled), {}};
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * kChannelBlock, c1 = std::min(cg.out_channels, c0 + kChannelBlock);
-      std::fill(total.begin(), total.end(), 0.0);
-      std::fill(bias_sum.begin(), bias_sum.end(), 0.0);
-      for (int64_t n = 0; n < pg.batch; ++n) {
+    with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t c0 = block * kChannelBlock, c1 = std::min(cg.out_channels, c0 + kChannelBlock);
+        std::fill(total.begin(), total.end(), 0.0);
+        std::fill(bias_sum.begin(), bias_sum.end(), 0.0);
+        for (int64_t n = 0; n < pg.batch; ++n) {
+          for (int64_t c = c0; c < c1; ++c) {
+            bias_sum[c - c0] += image_weight_grad<decltype(isa)>(pg, cg, grad, grad_strides, a, a_strides,
+                                                                 grad_weight != nullptr ? padded_input : nullptr, c,
+                                                                 n, image_sum.data(), scratch);
+            if (grad_weight == nullptr) continue;
+            double* sum = total.data() + (c - c0) * size;
+            for (int64_t k = 0; k < size; ++k) sum[k] += image_sum[k];
+          }
+        }
         for (int64_t c = c0; c < c1; ++c) {
-          bias_sum[c - c0] += image_weight_grad(pg, cg, grad, grad_strides, a, a_strides,
-                                                grad_weight != nullptr ? padded_input : nullptr, c, n,
-                                                image_sum.data(), scratch);
+          if (grad_bias != nullptr) grad_bias[c] = static_cast<scalar_t>(bias_sum[c - c0]);
           if (grad_weight == nullptr) continue;
-          double* sum = total.data() + (c - c0) * size;
-          for (int64_t k = 0; k < size; ++k) sum[k] += image_sum[k];
+          // (KH, KW, C_in/groups) → (C_in/groups, KH, KW), the parameter's own layout.
+          const int64_t taps = cg.kernel_h * cg.kernel_w;
+          const double* sum = total.data() + (c - c0) * size;
+          for (int64_t k = 0; k < cg.group_in(); ++k)
+            for (int64_t t = 0; t < taps; ++t)
+              grad_weight[c * size + k * taps + t] = static_cast<scalar_t>(sum[t * cg.group_in() + k]);
         }
       }
-      for (int64_t c = c0; c < c1; ++c) {
-        if (grad_bias != nullptr) grad_bias[c] = static_cast<scalar_t>(bias_sum[c - c0]);
-        if (grad_weight == nullptr) continue;
-        // (KH, KW, C_in/groups) → (C_in/groups, KH, KW), the parameter's own layout.
-        const int64_t taps = cg.kernel_h * cg.kernel_w;
-        const double* sum = total.data() + (c - c0) * size;
-        for (int64_t k = 0; k < cg.group_in(); ++k)
-          for (int64_t t = 0; t < taps; ++t)
-            grad_weight[c * size + k * taps + t] = static_cast<scalar_t>(sum[t * cg.group_in() + k]);
-      }
-    }
+    });
   });
 }
 

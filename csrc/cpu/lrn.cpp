@@ -95,7 +95,7 @@ FASTDL_INLINE double square(const LrnTile<scalar_t>& t, int64_t j, int64_t l) {
 }
 
 template <typename scalar_t, bool kChannelsLast>
-FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, scalar_t* y) {
+FASTDL_INLINE void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, scalar_t* y) {
   const auto squares = [&](int64_t j, int64_t l) FASTDL_INLINE_LAMBDA {
     return square<scalar_t, kChannelsLast>(t, j, l);
   };
@@ -119,8 +119,8 @@ FASTDL_CPU_CLONES void forward_tile(const LrnTile<scalar_t>& t, scalar_t beta, s
 }
 
 template <typename scalar_t, bool kChannelsLast>
-FASTDL_CPU_CLONES void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, const scalar_t* grad_out,
-                                     scalar_t* grad_in, scalar_t* terms, scalar_t* scale_pow) {
+FASTDL_INLINE void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, const scalar_t* grad_out,
+                                 scalar_t* grad_in, scalar_t* terms, scalar_t* scale_pow) {
   const auto squares = [&](int64_t j, int64_t l) FASTDL_INLINE_LAMBDA {
     return square<scalar_t, kChannelsLast>(t, j, l);
   };
@@ -228,10 +228,12 @@ at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha, doub
     for_each_tile(layout, [&](int64_t image, int64_t first, int64_t lanes) {
       const int64_t offset = image * image_stride + first * (layout.channels_last ? layout.channels : 1);
       const LrnTile<scalar_t> tile = make_tile(layout, x + offset, lanes, size, alpha, k);
-      if (layout.channels_last)
-        forward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), y + offset);
-      else
-        forward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), y + offset);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        if (layout.channels_last)
+          forward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), y + offset);
+        else
+          forward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), y + offset);
+      });
     });
   });
   return output;
@@ -261,10 +263,13 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
       const LrnTile<scalar_t> tile = make_tile(layout, x + offset, lanes, size, alpha, k);
       scalar_t* terms = work.data();
       scalar_t* scale_pow = work.data() + layout.channels * kTile;
-      if (layout.channels_last)
-        backward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow);
-      else
-        backward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        if (layout.channels_last)
+          backward_tile<scalar_t, true>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms, scale_pow);
+        else
+          backward_tile<scalar_t, false>(tile, static_cast<scalar_t>(beta), g + offset, dx + offset, terms,
+                                         scale_pow);
+      });
     });
   });
   return grad_input;

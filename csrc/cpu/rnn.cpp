@@ -60,7 +60,7 @@ FASTDL_INLINE double tanh_of(double x) { return std::tanh(x); }
 // One row of the LSTM cell: pre-activations input_gates + hidden_gates (4H each) and the previous cell
 // state in; activated gates, new cell state and o ⊙ tanh(c') out.
 template <typename T>
-FASTDL_CPU_CLONES void lstm_forward_row(const T* __restrict__ input_gates, const T* __restrict__ hidden_gates,
+FASTDL_INLINE void lstm_forward_row(const T* __restrict__ input_gates, const T* __restrict__ hidden_gates,
                                         const T* __restrict__ c_prev, T* __restrict__ gates, T* __restrict__ c,
                                         T* __restrict__ h, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
@@ -81,7 +81,7 @@ FASTDL_CPU_CLONES void lstm_forward_row(const T* __restrict__ input_gates, const
 // One row of the LSTM cell backward. `dc` holds the gradient reaching c' and is overwritten with the
 // gradient reaching c (the carry of backward through time).
 template <typename T>
-FASTDL_CPU_CLONES void lstm_backward_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ gates,
+FASTDL_INLINE void lstm_backward_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ gates,
                                          const T* __restrict__ c, const T* __restrict__ c_prev,
                                          T* __restrict__ grad_gates, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
@@ -98,14 +98,14 @@ FASTDL_CPU_CLONES void lstm_backward_row(const T* __restrict__ dh, T* __restrict
 
 // o ⊙ tanh(c') from the saved gates and cell state: what the projection W_hr was applied to.
 template <typename T>
-FASTDL_CPU_CLONES void lstm_projected_row(const T* __restrict__ gates, const T* __restrict__ c, T* __restrict__ r,
+FASTDL_INLINE void lstm_projected_row(const T* __restrict__ gates, const T* __restrict__ c, T* __restrict__ r,
                                           int64_t H) {
   for (int64_t j = 0; j < H; ++j) r[j] = gates[3 * H + j] * tanh_of(c[j]);
 }
 
 // One row of the GRU cell: gi, gh (3H each) and h in; saved (r, z, n, gh_n) and h' out.
 template <typename T>
-FASTDL_CPU_CLONES void gru_forward_row(const T* __restrict__ gi, const T* __restrict__ gh, const T* __restrict__ h_prev,
+FASTDL_INLINE void gru_forward_row(const T* __restrict__ gi, const T* __restrict__ gh, const T* __restrict__ h_prev,
                                        T* __restrict__ saved, T* __restrict__ h, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const T r = sigmoid_of(gi[j] + gh[j]);
@@ -122,7 +122,7 @@ FASTDL_CPU_CLONES void gru_forward_row(const T* __restrict__ gi, const T* __rest
 
 // One row of the GRU cell backward: gradients of gi, gh and the direct part dh ⊙ z of h's gradient.
 template <typename T>
-FASTDL_CPU_CLONES void gru_backward_row(const T* __restrict__ dh, const T* __restrict__ saved,
+FASTDL_INLINE void gru_backward_row(const T* __restrict__ dh, const T* __restrict__ saved,
                                         const T* __restrict__ h_prev, T* __restrict__ grad_gi, T* __restrict__ grad_gh,
                                         T* __restrict__ grad_h_prev, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
@@ -300,9 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_pointwise_forward(const at::
   at::Tensor gates = at::empty_like(ig), cy = at::empty_like(c_prev), hy = at::empty_like(c_prev);
   AT_DISPATCH_FLOATING_TYPES(ig.scalar_type(), "fastdl::lstm_pointwise_forward", [&] {
     for_rows(B, 4 * H, [&](int64_t b) {
-      lstm_forward_row<scalar_t>(row_of<scalar_t>(ig, b), row_of<scalar_t>(hg, b), row_of<scalar_t>(c_prev, b),
-                                 mutable_row_of<scalar_t>(gates, b), mutable_row_of<scalar_t>(cy, b),
-                                 mutable_row_of<scalar_t>(hy, b), H);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        lstm_forward_row<scalar_t>(row_of<scalar_t>(ig, b), row_of<scalar_t>(hg, b), row_of<scalar_t>(c_prev, b),
+                                   mutable_row_of<scalar_t>(gates, b), mutable_row_of<scalar_t>(cy, b),
+                                   mutable_row_of<scalar_t>(hy, b), H);
+      });
     });
   });
   return {hy, cy, gates};
@@ -317,9 +319,11 @@ std::tuple<at::Tensor, at::Tensor> lstm_pointwise_backward(const at::Tensor& gra
   at::Tensor grad_cx = grad_cy.contiguous().clone(), grad_gates = at::empty_like(g);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastdl::lstm_pointwise_backward", [&] {
     for_rows(B, 4 * H, [&](int64_t b) {
-      lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(grad_cx, b), row_of<scalar_t>(g, b),
-                                  row_of<scalar_t>(c, b), row_of<scalar_t>(c_prev, b),
-                                  mutable_row_of<scalar_t>(grad_gates, b), H);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(grad_cx, b), row_of<scalar_t>(g, b),
+                                    row_of<scalar_t>(c, b), row_of<scalar_t>(c_prev, b),
+                                    mutable_row_of<scalar_t>(grad_gates, b), H);
+      });
     });
   });
   return {grad_gates, grad_cx};
@@ -337,8 +341,10 @@ std::tuple<at::Tensor, at::Tensor> gru_pointwise_forward(const at::Tensor& input
   at::Tensor saved = at::empty({B, 4 * H}, gi.options()), hy = at::empty_like(h_prev);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "fastdl::gru_pointwise_forward", [&] {
     for_rows(B, 4 * H, [&](int64_t b) {
-      gru_forward_row<scalar_t>(row_of<scalar_t>(gi, b), row_of<scalar_t>(gh, b), row_of<scalar_t>(h_prev, b),
-                                mutable_row_of<scalar_t>(saved, b), mutable_row_of<scalar_t>(hy, b), H);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        gru_forward_row<scalar_t>(row_of<scalar_t>(gi, b), row_of<scalar_t>(gh, b), row_of<scalar_t>(h_prev, b),
+                                  mutable_row_of<scalar_t>(saved, b), mutable_row_of<scalar_t>(hy, b), H);
+      });
     });
   });
   return {hy, saved};
@@ -353,9 +359,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_pointwise_backward(const at::
              grad_hx = at::empty_like(h_prev);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "fastdl::gru_pointwise_backward", [&] {
     for_rows(B, 4 * H, [&](int64_t b) {
-      gru_backward_row<scalar_t>(row_of<scalar_t>(dh, b), row_of<scalar_t>(s, b), row_of<scalar_t>(h_prev, b),
-                                 mutable_row_of<scalar_t>(grad_gi, b), mutable_row_of<scalar_t>(grad_gh, b),
-                                 mutable_row_of<scalar_t>(grad_hx, b), H);
+      with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+        gru_backward_row<scalar_t>(row_of<scalar_t>(dh, b), row_of<scalar_t>(s, b), row_of<scalar_t>(h_prev, b),
+                                   mutable_row_of<scalar_t>(grad_gi, b), mutable_row_of<scalar_t>(grad_gh, b),
+                                   mutable_row_of<scalar_t>(grad_hx, b), H);
+      });
     });
   });
   return {grad_gi, grad_gh, grad_hx};
@@ -400,12 +408,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
         at::Tensor gates_t = gates[t], cells_t = cells[t], output_t = output[t];
         at::Tensor& h_target = w_hr.has_value() ? unprojected : output_t;
         const at::Tensor cells_prev = steps.has_previous(t) ? cells[steps.previous(t)] : c_init;
-        for (int64_t b = rows.begin; b < rows.end; ++b) {
-          const scalar_t* c_prev = b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
-          lstm_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b - rows.begin), c_prev,
-                                     mutable_row_of<scalar_t>(gates_t, b), mutable_row_of<scalar_t>(cells_t, b),
-                                     mutable_row_of<scalar_t>(h_target, b), H);
-        }
+        with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+          for (int64_t b = rows.begin; b < rows.end; ++b) {
+            const scalar_t* c_prev =
+                b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
+            lstm_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b - rows.begin),
+                                       c_prev, mutable_row_of<scalar_t>(gates_t, b),
+                                       mutable_row_of<scalar_t>(cells_t, b), mutable_row_of<scalar_t>(h_target, b), H);
+          }
+        });
         const int64_t count = rows.end - rows.begin;
         if (w_hr.has_value()) {
           at::Tensor target = output_t.narrow(0, rows.begin, count);
@@ -463,12 +474,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
         const at::Tensor g_t = g[t], c_t = c[t];
         const at::Tensor cells_prev = steps.has_previous(t) ? c[steps.previous(t)] : c_init;
         at::Tensor grad_t = grad_proj[t];
-        for (int64_t b = rows.begin; b < rows.end; ++b) {
-          const scalar_t* c_prev = b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
-          lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(dc_carry, b),
-                                      row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b), c_prev,
-                                      mutable_row_of<scalar_t>(grad_t, b), H);
-        }
+        with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+          for (int64_t b = rows.begin; b < rows.end; ++b) {
+            const scalar_t* c_prev =
+                b < rows.continuing ? row_of<scalar_t>(cells_prev, b) : row_of<scalar_t>(c_init, b);
+            lstm_backward_row<scalar_t>(row_of<scalar_t>(dh, b), mutable_row_of<scalar_t>(dc_carry, b),
+                                        row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b), c_prev,
+                                        mutable_row_of<scalar_t>(grad_t, b), H);
+          }
+        });
         at::Tensor carry_rows = dh_carry.narrow(0, rows.begin, count);
         recurrent_back.times_into(carry_rows, grad_t.narrow(0, rows.begin, count));
       }
@@ -483,9 +497,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequ
         for (int64_t t = first; t < last; ++t) {
           const at::Tensor g_t = g[t], c_t = c[t];
           at::Tensor r_t = unprojected[t];
-          for (int64_t b = 0; b < steps.active(t); ++b)
-            lstm_projected_row<scalar_t>(row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b),
-                                         mutable_row_of<scalar_t>(r_t, b), H);
+          with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+            for (int64_t b = 0; b < steps.active(t); ++b)
+              lstm_projected_row<scalar_t>(row_of<scalar_t>(g_t, b), row_of<scalar_t>(c_t, b),
+                                           mutable_row_of<scalar_t>(r_t, b), H);
+          });
         }
       });
     });
@@ -518,11 +534,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_forward(const at::Te
         const at::Tensor proj_t = proj[t];
         const at::Tensor h_prev = steps.has_previous(t) ? output[steps.previous(t)] : h_init;
         at::Tensor saved_t = saved[t], output_t = output[t];
-        for (int64_t b = rows.begin; b < rows.end; ++b) {
-          const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
-          gru_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b - rows.begin), h_row,
-                                    mutable_row_of<scalar_t>(saved_t, b), mutable_row_of<scalar_t>(output_t, b), H);
-        }
+        with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+          for (int64_t b = rows.begin; b < rows.end; ++b) {
+            const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
+            gru_forward_row<scalar_t>(row_of<scalar_t>(proj_t, b), row_of<scalar_t>(hidden_gates, b - rows.begin),
+                                      h_row, mutable_row_of<scalar_t>(saved_t, b),
+                                      mutable_row_of<scalar_t>(output_t, b), H);
+          }
+        });
         const int64_t finishing = rows.end - rows.finishing;
         if (finishing > 0) h_n.narrow(0, rows.finishing, finishing).copy_(output_t.narrow(0, rows.finishing, finishing));
       }
@@ -558,12 +577,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_backward
         const at::Tensor s_t = s[t];
         const at::Tensor h_prev = steps.has_previous(t) ? out[steps.previous(t)] : h_init;
         at::Tensor grad_proj_t = grad_proj[t], grad_hidden_t = grad_hidden[t];
-        for (int64_t b = rows.begin; b < rows.end; ++b) {
-          const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
-          gru_backward_row<scalar_t>(row_of<scalar_t>(dh_total, b), row_of<scalar_t>(s_t, b), h_row,
-                                     mutable_row_of<scalar_t>(grad_proj_t, b), mutable_row_of<scalar_t>(grad_hidden_t, b),
-                                     mutable_row_of<scalar_t>(dh_carry, b), H);
-        }
+        with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+          for (int64_t b = rows.begin; b < rows.end; ++b) {
+            const scalar_t* h_row = b < rows.continuing ? row_of<scalar_t>(h_prev, b) : row_of<scalar_t>(h_init, b);
+            gru_backward_row<scalar_t>(row_of<scalar_t>(dh_total, b), row_of<scalar_t>(s_t, b), h_row,
+                                       mutable_row_of<scalar_t>(grad_proj_t, b),
+                                       mutable_row_of<scalar_t>(grad_hidden_t, b), mutable_row_of<scalar_t>(dh_carry, b),
+                                       H);
+          }
+        });
         at::Tensor carry_rows = dh_carry.narrow(0, rows.begin, count);
         recurrent_back.add_times_to(carry_rows, grad_hidden_t.narrow(0, rows.begin, count));
       }

@@ -61,34 +61,28 @@ constexpr int64_t kScaleChunk = 1 << 12;    // elements per step of the back-to-
 constexpr int64_t kStreamingBytes = 4 << 20; // W / σ larger than this is written around the caches
 constexpr int64_t kGrain = 1 << 18;         // elements per thread below which elementwise work stays serial
 
-template <typename scalar_t>
-FASTDL_INLINE scalar_t lane_sum(Vec<scalar_t> x) {
-  scalar_t sum = 0;
-  for (size_t l = 0; l < sizeof(x) / sizeof(scalar_t); ++l) sum += x[l];
-  return sum;
-}
-
 // dots[r] = w_r · v for the R (1 or 4) rows starting at w (row stride `cols`). Each row keeps a vector
 // of partial sums (a vectorized reduction GCC may not make itself without -ffast-math), added in a
-// fixed order at the end: deterministic.
-template <typename scalar_t, int R>
+// fixed order at the end: deterministic. (The order, hence the last bits, depends on the ISA's width.)
+template <typename Isa, typename scalar_t, int R>
 FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* dots) {
   static_assert(R == 1 || R == 4);
-  constexpr int64_t kLanes = sizeof(Vec<scalar_t>) / sizeof(scalar_t);
-  Vec<scalar_t> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  const int64_t body = cols - cols % kLanes;
-  for (int64_t c = 0; c < body; c += kLanes) {
-    const Vec<scalar_t> x = load_vec(v + c);
-    acc0 += load_vec(w + c) * x;
+  using V = Vec<scalar_t, Isa>;
+  constexpr int64_t lanes = kLanes<scalar_t, Isa>;
+  V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  const int64_t body = cols - cols % lanes;
+  for (int64_t c = 0; c < body; c += lanes) {
+    const V x = load_vec<Isa>(v + c);
+    acc0 += load_vec<Isa>(w + c) * x;
     if constexpr (R == 4) {
-      acc1 += load_vec(w + cols + c) * x;
-      acc2 += load_vec(w + 2 * cols + c) * x;
-      acc3 += load_vec(w + 3 * cols + c) * x;
+      acc1 += load_vec<Isa>(w + cols + c) * x;
+      acc2 += load_vec<Isa>(w + 2 * cols + c) * x;
+      acc3 += load_vec<Isa>(w + 3 * cols + c) * x;
     }
   }
-  const Vec<scalar_t> accs[4] = {acc0, acc1, acc2, acc3};
+  const V accs[4] = {acc0, acc1, acc2, acc3};
   for (int r = 0; r < R; ++r) {
-    scalar_t dot = lane_sum<scalar_t>(accs[r]);
+    scalar_t dot = lane_sum<Isa>(accs[r]);
     for (int64_t c = body; c < cols; ++c) dot += w[r * cols + c] * v[c];
     dots[r] = dot;
   }
@@ -96,10 +90,10 @@ FASTDL_INLINE void row_dots(const scalar_t* w, int64_t cols, const scalar_t* v, 
 
 // s[r] = w_r · v and t += Σ_r s[r] w_r for the R rows starting at w: both halves of a power iteration
 // while the rows are in cache.
-template <typename scalar_t, int R>
+template <typename Isa, typename scalar_t, int R>
 FASTDL_INLINE void fused_rows(const scalar_t* w, int64_t cols, const scalar_t* v, scalar_t* s, scalar_t* t) {
   scalar_t dots[R];
-  row_dots<scalar_t, R>(w, cols, v, dots);
+  row_dots<Isa, scalar_t, R>(w, cols, v, dots);
   for (int r = 0; r < R; ++r) s[r] = dots[r];
   for (int64_t c = 0; c < cols; ++c) {
     scalar_t sum = t[c];
@@ -110,43 +104,53 @@ FASTDL_INLINE void fused_rows(const scalar_t* w, int64_t cols, const scalar_t* v
 
 // Rows [begin, end) of W: s_h = w_h · v, and t = Σ_h s_h w_h (t overwritten).
 template <typename scalar_t>
-FASTDL_CPU_CLONES void power_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* v,
-                                  scalar_t* s, scalar_t* t) {
-  std::fill(t, t + cols, scalar_t(0));
-  int64_t h = begin;
-  for (; h + kRowsPerStep <= end; h += kRowsPerStep)
-    fused_rows<scalar_t, kRowsPerStep>(W + h * cols, cols, v, s + h, t);
-  for (; h < end; ++h) fused_rows<scalar_t, 1>(W + h * cols, cols, v, s + h, t);
+void power_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* v, scalar_t* s,
+                scalar_t* t) {
+  with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+    using Isa = decltype(isa);
+    std::fill(t, t + cols, scalar_t(0));
+    int64_t h = begin;
+    for (; h + kRowsPerStep <= end; h += kRowsPerStep)
+      fused_rows<Isa, scalar_t, kRowsPerStep>(W + h * cols, cols, v, s + h, t);
+    for (; h < end; ++h) fused_rows<Isa, scalar_t, 1>(W + h * cols, cols, v, s + h, t);
+  });
 }
 
 // Σ_{h ∈ [begin, end)} u_h (w_h · v), in double.
 template <typename scalar_t>
-FASTDL_CPU_CLONES double bilinear_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* u,
-                                       const scalar_t* v) {
-  double sum = 0;
-  int64_t h = begin;
-  scalar_t dots[kRowsPerStep];
-  for (; h + kRowsPerStep <= end; h += kRowsPerStep) {
-    row_dots<scalar_t, kRowsPerStep>(W + h * cols, cols, v, dots);
-    for (int r = 0; r < kRowsPerStep; ++r) sum += static_cast<double>(u[h + r]) * dots[r];
-  }
-  for (; h < end; ++h) {
-    row_dots<scalar_t, 1>(W + h * cols, cols, v, dots);
-    sum += static_cast<double>(u[h]) * dots[0];
-  }
-  return sum;
+double bilinear_pass(const scalar_t* W, int64_t begin, int64_t end, int64_t cols, const scalar_t* u,
+                     const scalar_t* v) {
+  return with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+    using Isa = decltype(isa);
+    double sum = 0;
+    int64_t h = begin;
+    scalar_t dots[kRowsPerStep];
+    for (; h + kRowsPerStep <= end; h += kRowsPerStep) {
+      row_dots<Isa, scalar_t, kRowsPerStep>(W + h * cols, cols, v, dots);
+      for (int r = 0; r < kRowsPerStep; ++r) sum += static_cast<double>(u[h + r]) * dots[r];
+    }
+    for (; h < end; ++h) {
+      row_dots<Isa, scalar_t, 1>(W + h * cols, cols, v, dots);
+      sum += static_cast<double>(u[h]) * dots[0];
+    }
+    return sum;
+  });
 }
 
 template <typename scalar_t>
-FASTDL_CPU_CLONES void add_into(scalar_t* target, const scalar_t* source, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) target[i] += source[i];
+void add_into(scalar_t* target, const scalar_t* source, int64_t n) {
+  with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+    for (int64_t i = 0; i < n; ++i) target[i] += source[i];
+  });
 }
 
 // y = x · (1/σ): a multiply by the reciprocal, within an ulp of x / σ; a vector divide costs several
 // times a multiply and made this pass compute-bound.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void scale(const scalar_t* x, scalar_t factor, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * factor;
+void scale(const scalar_t* x, scalar_t factor, scalar_t* y, int64_t n) {
+  with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * factor;
+  });
 }
 
 // The same for a W / σ larger than the caches, with non-temporal stores: a plain store first reads
@@ -182,9 +186,11 @@ FASTDL_INLINE bool scale_streaming(const double* x, double factor, double* y, in
 
 // ∂L/∂W on one row segment W[a, h, 0..B): g · (1/σ) − (c u_h) · v[a·B + b].
 template <typename scalar_t>
-FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t inverse_sigma, scalar_t coefficient_u,
-                                        const scalar_t* v, scalar_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] * inverse_sigma - coefficient_u * v[i];
+void gradient_segment(const scalar_t* g, scalar_t inverse_sigma, scalar_t coefficient_u, const scalar_t* v,
+                      scalar_t* out, int64_t n) {
+  with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] * inverse_sigma - coefficient_u * v[i];
+  });
 }
 
 // ‖x‖², vectorized: a vector of partial sums per chunk of kNormChunk elements (a chunk bounds the
@@ -193,21 +199,24 @@ FASTDL_CPU_CLONES void gradient_segment(const scalar_t* g, scalar_t inverse_sigm
 constexpr int64_t kNormChunk = 1024;
 
 template <typename scalar_t>
-FASTDL_CPU_CLONES double squared_norm(const scalar_t* x, int64_t n) {
-  constexpr int64_t kLanes = sizeof(Vec<scalar_t>) / sizeof(scalar_t);
-  double total = 0;
-  int64_t i = 0;
-  while (i + kLanes <= n) {
-    const int64_t chunk_end = i + std::min(kNormChunk, (n - i) / kLanes * kLanes);
-    Vec<scalar_t> acc = {};
-    for (; i < chunk_end; i += kLanes) {
-      const Vec<scalar_t> y = load_vec(x + i);
-      acc += y * y;
+double squared_norm(const scalar_t* x, int64_t n) {
+  return with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+    using Isa = decltype(isa);
+    constexpr int64_t lanes = kLanes<scalar_t, Isa>;
+    double total = 0;
+    int64_t i = 0;
+    while (i + lanes <= n) {
+      const int64_t chunk_end = i + std::min(kNormChunk, (n - i) / lanes * lanes);
+      Vec<scalar_t, Isa> acc = {};
+      for (; i < chunk_end; i += lanes) {
+        const Vec<scalar_t, Isa> y = load_vec<Isa>(x + i);
+        acc += y * y;
+      }
+      total += lane_sum<Isa>(acc);
     }
-    total += lane_sum<scalar_t>(acc);
-  }
-  for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
-  return total;
+    for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+    return total;
+  });
 }
 
 // How many row blocks W is cut into: a function of the shape only, so results do not depend on threads.
@@ -222,8 +231,10 @@ int64_t block_begin(int64_t block, int64_t blocks, int64_t rows) { return rows *
 // y = x · factor, the product formed in double and rounded once: as exact as x / (1 / factor) would be,
 // for every ε (1 / ε² does not overflow a double, as it would a float), and a multiply, not a divide.
 template <typename scalar_t>
-FASTDL_CPU_CLONES void scale_exactly(const scalar_t* x, double factor, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<double>(x[i]) * factor);
+void scale_exactly(const scalar_t* x, double factor, scalar_t* y, int64_t n) {
+  with_cpu_isa([&](auto) FASTDL_INLINE_LAMBDA {
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<double>(x[i]) * factor);
+  });
 }
 
 // The end of a power iteration, once u holds s = W v and partials[b · C, (b + 1) · C) the blocks' Wᵀs:
@@ -261,12 +272,14 @@ double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   const int64_t chunks = (n + kBlockElements - 1) / kBlockElements;
   std::vector<double> sums(chunks);
   at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / kBlockElements), [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      const int64_t begin = chunk * kBlockElements, length = std::min(kBlockElements, n - begin);
-      scalar_t value;
-      row_dots<scalar_t, 1>(a + begin, length, b + begin, &value);
-      sums[chunk] = value;
-    }
+    with_cpu_isa([&](auto isa) FASTDL_INLINE_LAMBDA {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        const int64_t begin = chunk * kBlockElements, length = std::min(kBlockElements, n - begin);
+        scalar_t value;
+        row_dots<decltype(isa), scalar_t, 1>(a + begin, length, b + begin, &value);
+        sums[chunk] = value;
+      }
+    });
   });
   double sum = 0;
   for (const double partial : sums) sum += partial;
