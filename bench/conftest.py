@@ -11,13 +11,20 @@ bytes it must move and/or the flops it must do. The harness
 * turns bytes and flops into GB/s and TFLOP/s, and into percent of this device's peak as measured in
   this same session (device-to-device copy bandwidth; a large matmul's throughput);
 * prints one summary table at the end of ``pytest bench/``, and writes it as Markdown to the path given
-  by ``--fastdl-report`` (how ``bench/results/`` files are made).
+  by ``--fastdl-report`` (how ``bench/results/`` files are made), headed by what it ran on: the CPU model,
+  its instruction set and the one fastdl's kernels ran, torch's, and the machine's load;
+* warns when the machine is oversubscribed (load average above the core count): ratios of parallel code
+  measured then are meaningless, in either direction.
+
+``FASTDL_CPU_ISA=avx2 pytest bench/`` measures the AVX2 path on an AVX-512 machine as an AVX2 machine would
+run it: torch is capped at the same instruction set (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
+MKL_ENABLE_INSTRUCTIONS, unless set already), so eager PyTorch — and the oneDNN calls fastdl makes — run
+their code for that instruction set too.
 """
 from __future__ import annotations
 
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -27,6 +34,11 @@ import pytest
 import torch
 
 import fastdl
+from fastdl import _cpu_isa
+
+# Before anything runs a torch kernel (torch, oneDNN and MKL read their caps when first used).
+if os.environ.get("FASTDL_CPU_ISA", "").strip():
+    _cpu_isa.cap_torch_like_fastdl()
 
 
 def pytest_addoption(parser):
@@ -76,7 +88,25 @@ def interleaved_speedup(baseline, fn, device: torch.device, budget_s: float = 2.
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{_cpu_isa.cpu_model()}, {torch.get_num_threads()} threads, fastdl {fastdl.cpu_isa().active}"
+
+
+def machine_lines() -> list[str]:
+    """What the run measured on: the CPU and instruction sets in use, torch's caps, and the load."""
+    isa = fastdl.cpu_isa()
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in
+                     ("FASTDL_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                     if name in os.environ)
+    lines = [
+        f"CPU: {_cpu_isa.cpu_model()}, {os.cpu_count()} cores; instruction set {isa.supported}; fastdl's CPU "
+        f"kernels ran {isa.active}; torch's CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"{'; ' + caps if caps else ''}",
+        f"Load average (1 min) at the start and end of the run: {SESSION.load_start:.2f}, {os.getloadavg()[0]:.2f}",
+    ]
+    if SESSION.oversubscribed:
+        lines.append(f"**Warning: the machine was oversubscribed during this run (load average up to "
+                     f"{SESSION.load_max:.2f} on {os.cpu_count()} cores): ratios of parallel code are not reliable.**")
+    return lines
 
 
 @dataclass
@@ -98,6 +128,16 @@ class Row:
 class Session:
     rows: list[Row] = field(default_factory=list)
     peaks: dict = field(default_factory=dict)
+    load_start: float = field(default_factory=lambda: os.getloadavg()[0])
+    load_max: float = 0.0
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.load_max > (os.cpu_count() or 1)
+
+    def note_load(self) -> None:
+        """Samples the load average (once per case): the run is flagged when it exceeds the core count."""
+        self.load_max = max(self.load_max, os.getloadavg()[0])
 
     def copy_gbps(self, device: torch.device) -> float:
         """Measured device-to-device copy bandwidth (bytes read + written per second), once per session."""
@@ -162,6 +202,7 @@ def bench(benchmark):
             tflops, 100 * tflops / SESSION.matmul_tflops(device, dtype) if tflops else None, notes,
         )
         SESSION.rows.append(row)
+        SESSION.note_load()
         benchmark.extra_info.update({k: v for k, v in row.__dict__.items() if v is not None})
 
     return run
@@ -192,6 +233,7 @@ def summary_markdown() -> str:
         f"{datetime.date.today().isoformat()} · fastdl {fastdl.__version__} commit {_git_commit()} · torch {torch.__version__}"
         f" · measured peaks this run: {peaks or 'n/a'}",
         "",
+        *(line for entry in machine_lines() for line in (entry, "")),
         "Ratios are against eager PyTorch on the same case: the median of per-pair ratios over runs alternating"
         " eager and the implementation (>1 is faster).",
         "",
@@ -211,6 +253,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     text = summary_markdown()
     terminalreporter.write_sep("=", "fastdl benchmark summary")
+    if SESSION.oversubscribed:
+        terminalreporter.write_line(f"WARNING: load average reached {SESSION.load_max:.2f} on {os.cpu_count()} cores "
+                                    "during this run: ratios of parallel code are not reliable", red=True)
     terminalreporter.write(text)
     path = config.getoption("--fastdl-report")
     if path:

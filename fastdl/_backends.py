@@ -10,6 +10,11 @@ Each op has one public name and up to three kernel backends behind it:
 that can run the call, ending at ``reference``. A backend asked for by name that cannot run the call
 raises :class:`NotImplementedError` listing, per backend, why it was or was not usable.
 
+``auto`` also promises never to be slower than PyTorch itself: :data:`EAGER_FASTER` lists the calls where
+fastdl's kernels were measured slower than torch's own implementation of the module or function they
+replace, and for those :func:`auto_runs_eager` tells the public entry point to run torch's (an explicitly
+requested backend still runs what it names).
+
 The choice is made per call: ``fastdl.backend(name)`` scopes it (a context variable, so threads and
 async tasks each see their own), ``fastdl.set_backend(name)`` sets the process default, and the
 environment variable ``FASTDL_BACKEND`` sets the initial default.
@@ -25,7 +30,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import _extension
+from . import _cpu_isa, _extension
 
 KERNEL_BACKENDS = ("native", "triton", "reference")
 BACKENDS = ("auto",) + KERNEL_BACKENDS
@@ -203,3 +208,43 @@ def standard_kernels(op: str, native: Callable, triton: Callable, reference: Cal
         Kernel("reference", reference, {}),
     ]
     return OpKernels(op, kernels) if auto_order is None else OpKernels(op, kernels, auto_order)
+
+
+@dataclass(frozen=True)
+class EagerFaster:
+    """Calls of one public entry point where PyTorch's own implementation was measured faster than fastdl's
+    kernels: ``auto`` runs torch's there. ``cpu_isas`` are the CPU instruction sets (fastdl's, see
+    ``fastdl.cpu_isa``) it applies to; ``when``, if given, receives the entry point's arguments and says
+    whether this call is one of them; ``measured`` says what was measured, on which CPU."""
+
+    device: str
+    dtypes: frozenset[torch.dtype]
+    measured: str
+    cpu_isas: frozenset[str] = frozenset(_cpu_isa.ISAS)
+    when: Callable[..., bool] | None = None
+
+
+FP32 = frozenset({torch.float32})
+
+# Per public entry point (the name it passes to auto_runs_eager). Measured with `pytest bench/`, ratios to
+# eager in the same run, on a 2-core AMD EPYC Zen 4 at each of its instruction sets (torch capped alike).
+EAGER_FASTER: dict[str, tuple[EagerFaster, ...]] = {
+    "LSTM": (EagerFaster("cpu", FP32, "torch runs oneDNN's fused LSTM at ~98% of the fp32 matmul peak; fastdl's "
+                         "layer kernels reach 0.85–0.91× of it (2 threads)"),),
+    "conv_relu_pool2d": (EagerFaster(
+        "cpu", FP32, "when the weight outweighs the input (AlexNet conv5, VGG16 block 5 at batch 1) both run the "
+                     "same oneDNN convolution and fastdl's pooling pass costs more than eager's: 0.94–0.98×",
+        when=lambda input, weight: input.numel() < weight.numel()),),
+}
+
+
+def auto_runs_eager(entry: str, device: torch.device, dtype: torch.dtype, *args) -> bool:
+    """Whether this call of public entry point ``entry`` should run PyTorch's own implementation: under
+    ``auto`` only, for the calls :data:`EAGER_FASTER` lists. Not while compiling: a traced graph keeps
+    fastdl's ops, whose choice of kernel happens when the graph runs."""
+    cases = EAGER_FASTER.get(entry)
+    if cases is None or torch.compiler.is_compiling() or get_backend() != "auto":  # (Dynamo cannot trace the latter)
+        return False
+    isa = _cpu_isa.cpu_isa().active
+    return any(case.device == device.type and dtype in case.dtypes and (device.type != "cpu" or isa in case.cpu_isas)
+               and (case.when is None or case.when(*args)) for case in cases)

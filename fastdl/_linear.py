@@ -7,8 +7,9 @@ For fp32 on CPU, torch's ``F.linear`` goes to MKL; oneDNN's JIT GEMM, reached th
 machine (≈101 vs 89 GFLOP/s; on both cores of the quiet machine the gap shrank to 0–5%, and under load it
 grew), and it adds the bias in the GEMM's epilogue instead of a separate broadcast copy of the bias into
 the output. The weights are passed in their plain layout, so no reordered copy has to be kept in sync
-with parameters the optimizer changes. Everything else (empty products, other dtypes, GPUs) is
-``F.linear``.
+with parameters the optimizer changes. Below AVX2 it is the other way round: oneDNN's SSE4.1 GEMM took
+2–2.6× MKL's time (one core, the same machine with both capped to that level), so there, and for
+everything else (empty products, other dtypes, GPUs), it is ``F.linear``.
 
 ``fastdl::linear`` / ``fastdl::linear_backward`` are registered ``torch.library`` ops (fake kernels and
 autograd included), so ``torch.compile`` traces them.
@@ -21,15 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cpu_isa
+
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
 
 
 def _onednn_usable(input: Tensor, weight: Tensor) -> bool:
     """Whether the product runs on oneDNN: non-empty fp32 CPU tensors (oneDNN rejects empty products),
-    with oneDNN built and enabled (``torch.backends.mkldnn``). It is torch's own GEMM library, so
+    with oneDNN built and enabled (``torch.backends.mkldnn``), on a CPU with AVX2 at least (module
+    docstring; fastdl's instruction set stands for the CPU's). It is torch's own GEMM library, so
     fastdl's backend choice, which picks among fastdl's kernels, does not apply."""
     return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32
-            and input.numel() > 0 and weight.numel() > 0 and _ONEDNN_BUILT and torch.backends.mkldnn.enabled)
+            and input.numel() > 0 and weight.numel() > 0 and _ONEDNN_BUILT and torch.backends.mkldnn.enabled
+            and _cpu_isa.cpu_isa().active != "baseline")
 
 
 def _onednn_matmul(left: Tensor, right_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._backends import KERNEL_BACKENDS
+from ._cpu_isa import available_isas
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}  # (rtol, atol)
@@ -87,17 +88,32 @@ def outputs_and_grads(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], 
     return tuple(o.detach() for o in outputs), grads
 
 
+def cpu_isa_cases():
+    """pytest params, one per CPU instruction set the native kernels can run on this machine (lowest
+    first), each carrying the ``cpu_isa`` mark: a test taking one runs with the kernels capped at that
+    instruction set (tests/conftest.py applies the mark), so every per-ISA path is tested on one machine."""
+    import pytest
+
+    return [pytest.param(isa, marks=pytest.mark.cpu_isa(isa), id=isa) for isa in available_isas()]
+
+
 def backend_device_cases(cpu_dtypes=(torch.float32, torch.float64),
                          cuda_dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     """pytest params ``(backend, device, dtype)`` for every kernel backend on every device. CUDA cases
-    carry the ``cuda`` mark (skipped without a GPU); Triton on CPU (its interpreter) is fp32 only."""
+    carry the ``cuda`` mark (skipped without a GPU); Triton on CPU (its interpreter) is fp32 only. The
+    native CPU kernels run at the CPU's best instruction set, and again at each lower one the CPU can run
+    (ids ``native-avx2-cpu-…``, with the ``cpu_isa`` mark)."""
     import pytest
 
+    lower_isas = available_isas()[:-1]
     cases = []
     for backend in KERNEL_BACKENDS:
         for dtype in cpu_dtypes:
             if backend != "triton" or dtype == torch.float32:
                 cases.append(pytest.param(backend, "cpu", dtype, id=f"{backend}-cpu-{str(dtype)[6:]}"))
+            if backend == "native":
+                cases.extend(pytest.param(backend, "cpu", dtype, marks=pytest.mark.cpu_isa(isa),
+                                          id=f"{backend}-{isa}-cpu-{str(dtype)[6:]}") for isa in lower_isas)
         for dtype in cuda_dtypes:
             cases.append(pytest.param(backend, "cuda", dtype, marks=pytest.mark.cuda, id=f"{backend}-cuda-{str(dtype)[6:]}"))
     return cases

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastdl  # noqa: E402  (after TRITON_INTERPRET)
+from fastdl._cpu_isa import use_cpu_isa  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 SLOW = os.environ.get("FASTDL_SLOW_TESTS") == "1"
@@ -39,3 +40,15 @@ def use_backend():
         return fastdl.backend(name)
 
     return select
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa_mark(request):
+    """A test marked ``cpu_isa(name)`` (see fastdl.testing.cpu_isa_cases) runs with the native CPU kernels
+    capped at that instruction set."""
+    mark = request.node.get_closest_marker("cpu_isa")
+    if mark is None:
+        yield
+        return
+    with use_cpu_isa(mark.args[0]):
+        yield

@@ -6,8 +6,10 @@ import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdl
+from fastdl import _backends
 from fastdl._backends import Kernel, OpKernels
 
 
@@ -129,3 +131,48 @@ def test_python_m_fastdl_reports_every_backend():
     assert result.returncode == 0, result.stderr
     for word in ("fastdl", "torch", "triton", "native", "triton", "reference"):
         assert word in result.stdout
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Records the name of every op dispatched below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_faster_calls():
+    """Per EAGER_FASTER entry: a call inside the measured case, and the op only fastdl's path dispatches."""
+    from fastdl.ops import LSTM, conv_relu_pool2d
+
+    lstm = LSTM(8, 16)
+    return {
+        "LSTM": (lambda: lstm(torch.randn(5, 3, 8)), "fastdl.lstm_layer"),
+        # The weight (32·16·5·5) outweighs the input (1·16·6·6): the case measured slower.
+        "conv_relu_pool2d": (lambda: conv_relu_pool2d(torch.randn(1, 16, 6, 6), torch.randn(32, 16, 5, 5),
+                                                      pool_kernel_size=2), "fastdl.conv_relu_pool2d"),
+    }
+
+
+@pytest.mark.parametrize("entry", sorted(_backends.EAGER_FASTER))
+def test_auto_runs_eager_where_eager_was_measured_faster(entry):
+    if "native" not in fastdl.available_backends("cpu"):
+        pytest.skip("without the native backend auto runs reference kernels anyway")
+    call, fastdl_op = _eager_faster_calls()[entry]  # a KeyError here: a new entry needs a case in this test
+    for backend, runs_fastdl in (("auto", False), ("native", True)):
+        with fastdl.backend(backend), _DispatchedOps() as ops:
+            call()
+        assert (fastdl_op in ops.names) == runs_fastdl, (backend, sorted(ops.names))
+    assert all(case.measured for case in _backends.EAGER_FASTER[entry])
+
+
+def test_auto_keeps_fastdl_outside_the_measured_cases():
+    from fastdl.ops import conv_relu_pool2d
+
+    with _DispatchedOps() as ops:  # input larger than the weight
+        conv_relu_pool2d(torch.randn(2, 3, 20, 20), torch.randn(4, 3, 3, 3), pool_kernel_size=2)
+    assert "fastdl.conv_relu_pool2d" in ops.names

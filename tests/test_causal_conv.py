@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastdl
 from fastdl.ops import CausalConv1d, causal_conv1d, causal_conv1d_step
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -69,11 +69,13 @@ def test_matches_torch(backend, device, dtype, batch, cin, cout, length, k, dila
 
 # Long enough for the native CPU dense kernels' structure and its edges: several register-tile row blocks
 # with a partial last one, whole and cut-short tiles, sources reaching before 0 (forward) and past T (∂x),
-# more than one 1024-step time chunk. Native only: the Triton interpreter would take minutes here.
+# more than one 1024-step time chunk, on every instruction set's tile. Native only: the Triton interpreter
+# would take minutes here.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("batch,cin,cout,length,k,dilation,groups",
                          [(2, 20, 13, 1100, 3, 5, 1), (1, 12, 18, 300, 2, 64, 2)], ids=lambda v: str(v))
-def test_native_long_sequences(dtype, batch, cin, cout, length, k, dilation, groups, use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_long_sequences(isa, dtype, batch, cin, cout, length, k, dilation, groups, use_backend):
     x, w, b = _operands(batch, cin, cout, length, k, groups, seed=12)
     _check("native", "cpu", dtype, x, w, b, dilation, groups, use_backend)
 
@@ -197,7 +199,8 @@ def test_deterministic(backend, device, dtype, use_backend):
     assert all(torch.equal(a, c) for a, c in zip(*runs))
 
 
-def test_native_gradcheck_fp64(use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_gradcheck_fp64(isa, use_backend):
     with use_backend("native", "cpu"):
         for groups, k, dilation in ((1, 3, 2), (4, 2, 3)):
             x, w, b = _operands(2, 4, 4, 7, k, groups, seed=8)

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastdl
 from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -177,7 +177,8 @@ def test_only_the_gradients_asked_for(backend, device, dtype, use_backend):
     torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_native_gradcheck_fp64(use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_gradcheck_fp64(isa, use_backend):
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)

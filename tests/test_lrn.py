@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import fastdl
 from fastdl.ops import LocalResponseNorm, local_response_norm
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 
@@ -113,7 +113,8 @@ def test_deterministic(backend, device, dtype, use_backend):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_native_gradcheck_fp64(use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_gradcheck_fp64(isa, use_backend):
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     with use_backend("native", "cpu"):
         assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0), (x,))

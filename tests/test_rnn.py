@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastdl
 from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -135,7 +135,8 @@ def test_unbatched_input(cls, batch_first, backend, device, dtype, use_backend):
     _check(ours, theirs, make, _rnn_call, backend, device, dtype, use_backend)
 
 
-def test_native_gradcheck_fp64(use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_gradcheck_fp64(isa, use_backend):
     with use_backend("native", "cpu"):
         for cls, kwargs in [(LSTM, dict(proj_size=2, bidirectional=True)), (GRU, dict(bidirectional=True))]:
             torch.manual_seed(0)

@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fastdl
 from fastdl.ops import spectral_norm, spectral_normalize
-from fastdl.testing import assert_close, backend_device_cases
+from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases
 
 CPU_CASES = [c for c in backend_device_cases() if c.values[1] == "cpu"]
 CASES = backend_device_cases()
@@ -215,7 +215,8 @@ def test_deterministic(backend, device, dtype, use_backend):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_native_gradcheck_fp64(use_backend):
+@pytest.mark.parametrize("isa", cpu_isa_cases())
+def test_native_gradcheck_fp64(isa, use_backend):
     weight = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
     u = F.normalize(torch.randn(3, dtype=torch.float64), dim=0)
     v = F.normalize(torch.randn(10, dtype=torch.float64), dim=0)

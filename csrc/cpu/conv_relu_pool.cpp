@@ -255,32 +255,46 @@ FASTDL_INLINE void for_each_tap_run(const ConvGeometry& cg, int64_t h, int64_t w
   }
 }
 
-// out[k] += Σ_q g[q] · sources[q][offset + k] for k < length. The sum over q runs in registers, one
-// vector of k at a time, in four independent chains (q mod 4) so that the multiply-adds do not wait on
-// each other; `out` is read and written once per vector. (Accumulating straight into `out`, source by
-// source, is bound by those loads and stores.)
+// out[k] += Σ_q g[q] · sources[q][offset + k] for the kVecs vectors of k at out. The sum over q runs in
+// registers, in four independent chains (q mod 4) so that the multiply-adds do not wait on each other;
+// `out` is read and written once. Each source element is used once, so this is bound by loads: every
+// source costs its kVecs vector loads plus the broadcast of g[q], and kVecs > 1 spreads that broadcast.
+template <typename Isa, int kVecs, typename scalar_t>
+FASTDL_INLINE void add_scaled_block(scalar_t* __restrict out, const scalar_t* const* sources, int64_t offset,
+                                    const scalar_t* g, int64_t count) {
+  using V = Vec<scalar_t, Isa>;
+  constexpr int64_t lanes = kLanes<scalar_t, Isa>;
+  V sum[4][kVecs] = {};
+  int64_t q = 0;
+  for (; q + 4 <= count; q += 4)
+#pragma GCC unroll 4
+    for (int chain = 0; chain < 4; ++chain)
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) sum[chain][v] += g[q + chain] * load_vec<Isa>(sources[q + chain] + offset + v * lanes);
+  for (; q < count; ++q)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) sum[0][v] += g[q] * load_vec<Isa>(sources[q] + offset + v * lanes);
+#pragma GCC unroll 4
+  for (int v = 0; v < kVecs; ++v)
+    store_vec<Isa>(out + v * lanes, load_vec<Isa>(out + v * lanes) + ((sum[0][v] + sum[1][v]) + (sum[2][v] + sum[3][v])));
+}
+
+// out[k] += Σ_q g[q] · sources[q][offset + k] for k < length: blocks of the ISA's tile width, then single
+// vectors, then a scalar tail. Every element is summed in the same order whichever path takes it.
 template <typename Isa, typename scalar_t>
 FASTDL_INLINE void add_scaled_rows(scalar_t* __restrict out, const scalar_t* const* sources, int64_t offset,
                                    const scalar_t* g, int64_t count, int64_t length) {
-  using V = Vec<scalar_t, Isa>;
-  constexpr int64_t kBlock = kLanes<scalar_t, Isa>;
+  constexpr int64_t lanes = kLanes<scalar_t, Isa>, kBlock = Isa::kTileVecs * lanes;
   int64_t k = 0;
-  for (; k + kBlock <= length; k += kBlock) {
-    V sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {};
+  for (; k + kBlock <= length; k += kBlock) add_scaled_block<Isa, Isa::kTileVecs>(out + k, sources, offset + k, g, count);
+  for (; k + lanes <= length; k += lanes) add_scaled_block<Isa, 1>(out + k, sources, offset + k, g, count);
+  for (; k < length; ++k) {
+    scalar_t sum[4] = {};
     int64_t q = 0;
-    for (; q + 4 <= count; q += 4) {
-      sum0 += g[q] * load_vec<Isa>(sources[q] + offset + k);
-      sum1 += g[q + 1] * load_vec<Isa>(sources[q + 1] + offset + k);
-      sum2 += g[q + 2] * load_vec<Isa>(sources[q + 2] + offset + k);
-      sum3 += g[q + 3] * load_vec<Isa>(sources[q + 3] + offset + k);
-    }
-    for (; q < count; ++q) sum0 += g[q] * load_vec<Isa>(sources[q] + offset + k);
-    store_vec<Isa>(out + k, load_vec<Isa>(out + k) + ((sum0 + sum1) + (sum2 + sum3)));
-  }
-  for (; k < length; ++k) {  // the tail of a run that is not a whole number of blocks
-    scalar_t sum = 0;
-    for (int64_t q = 0; q < count; ++q) sum += g[q] * sources[q][offset + k];
-    out[k] += sum;
+    for (; q + 4 <= count; q += 4)
+      for (int chain = 0; chain < 4; ++chain) sum[chain] += g[q + chain] * sources[q + chain][offset + k];
+    for (; q < count; ++q) sum[0] += g[q] * sources[q][offset + k];
+    out[k] += (sum[0] + sum[1]) + (sum[2] + sum[3]);
   }
 }
 
@@ -562,14 +576,19 @@ at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
 }
 
 // The layout the forward convolution runs in. oneDNN's channels-last kernels are as fast as or faster than
-// its NCHW ones on these layers (AlexNet conv1: about 3× at batch 1), but an NCHW caller then pays for
-// converting the input and the weight. That pays off when the input is at least as large as the weight;
-// when the weight dominates (AlexNet conv5 and VGG16 block 5 at small batch) converting it on every call
-// would cost more than the convolution gains, so the convolution runs in NCHW and only its output is
-// converted for the pooling pass.
+// its NCHW ones on these layers with AVX-512 (AlexNet conv1: about 3× at batch 1), but an NCHW caller then
+// pays for converting the input and the weight. That pays off when the input is at least as large as the
+// weight; when the weight dominates (AlexNet conv5 and VGG16 block 5 at small batch) converting it on every
+// call would cost more than the convolution gains, so the convolution runs in NCHW and only its output is
+// converted for the pooling pass. oneDNN's AVX2 kernels differ: channels-last still wins on layers with few
+// input channels (AlexNet conv1: 3, VGG16 block 1: 64; 1.2–1.35× one thread) and loses on wider ones
+// (AlexNet conv2, 96 → 256: 1.35× slower at batch 16), so below AVX-512 only those run channels-last.
+// fastdl's instruction set stands for oneDNN's here: both follow the CPU unless one is capped by hand.
 at::MemoryFormat forward_conv_format(const at::Tensor& input, const at::Tensor& weight) {
-  return format_of(input) == kChannelsLast || input.numel() >= weight.numel() ? kChannelsLast
-                                                                              : at::MemoryFormat::Contiguous;
+  constexpr int64_t kFewChannels = 64;
+  if (format_of(input) == kChannelsLast) return kChannelsLast;
+  const bool channels_last_wins = cpu_isa() == CpuIsa::avx512 || input.size(1) <= kFewChannels;
+  return channels_last_wins && input.numel() >= weight.numel() ? kChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // Whether the sparse backward beats oneDNN's dense one. It does several times fewer multiply-adds, but

@@ -175,7 +175,8 @@ class RecurrentWeight {
  public:
   // Multiplies by Wᵀ: `weight` is W, shape (N, K); `rows` is the usual row count of the products.
   RecurrentWeight(const at::Tensor& weight, int64_t rows) {
-    if (weight.scalar_type() == at::kFloat && onednn_ops().has_value())
+    // Below AVX2, oneDNN's GEMM is the slower one (see fastdl/_linear.py).
+    if (weight.scalar_type() == at::kFloat && onednn_ops().has_value() && cpu_isa() != CpuIsa::baseline)
       packed_ = onednn_ops()->reorder.call(weight.contiguous(), rows);
     else
       transposed_ = weight.t().contiguous();

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .._backends import standard_kernels
+from .._backends import auto_runs_eager, standard_kernels
 from .._layout import preserved_format
 
 __all__ = ["ConvReLUPool2d", "conv_relu_pool2d", "fuse_conv_relu_pool"]
@@ -323,6 +323,9 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
         raise RuntimeError(
             f"conv_relu_pool2d: input of spatial size {tuple(input.shape[2:])} is too small: the convolution gives "
             f"{tuple(conv_shape)} and the pooling {tuple(pooled)}; expected both at least 1x1")
+    if auto_runs_eager("conv_relu_pool2d", input.device, input.dtype, input, weight):
+        return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)), pool_kernel,
+                            pool_stride, pool_padding, pool_dilation, bool(ceil_mode))
     output, _ = _forward_op(input, weight, bias, *params)
     return output
 

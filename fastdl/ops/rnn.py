@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .._backends import OpKernels, standard_kernels
+from .._backends import OpKernels, auto_runs_eager, standard_kernels
 from .._linear import linear
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "lstm_cell", "gru_cell"]
@@ -619,6 +619,8 @@ class LSTM(nn.LSTM):
     unbatched input and optional ``(h_0, c_0)`` — on fastdl's sequence kernels (module docstring)."""
 
     def forward(self, input, hx=None):
+        if auto_runs_eager("LSTM", self.weight_ih_l0.device, self.weight_ih_l0.dtype):
+            return super().forward(input, hx)
         return _forward(self, input, hx)
 
 
