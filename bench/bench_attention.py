@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import MultiheadAttention, scaled_dot_product_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
-FASTDL = [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+FASTDL = fastdl_impls(DEVICE)
 IMPLS = ["eager", "math"] + (["compile"] if ON_GPU else []) + FASTDL
 if ON_GPU:
     SDPA_SHAPES = [(8, 16, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192)]

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import CausalConv1d, causal_conv1d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
-BACKENDS = [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+BACKENDS = fastdl_impls(DEVICE)
 
 # name: (batch, channels, length, kernel_size, dilation, groups). The first is the target case; on
 # CPU the others are kept to a few so that the whole file stays within minutes on two cores.

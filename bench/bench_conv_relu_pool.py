@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import ConvReLUPool2d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +40,7 @@ else:
              ("alexnet-conv2", TRAIN_BATCH, False), ("alexnet-conv2", TRAIN_BATCH, True)]
     CASES += [(layer, 1, False) for layer in LAYERS] + [("vgg16-block5", TRAIN_BATCH, True)]
     DTYPES = [torch.float32]
-IMPLS = ["eager", "compile"] + [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+IMPLS = ["eager", "compile"] + fastdl_impls(DEVICE)
 
 
 def _block(layer, dtype, memory_format):

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import LocalResponseNorm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 128 if DEVICE.type == "cuda" else 16
 SHAPES = {"alexnet-lrn1": (BATCH, 96, 55, 55), "alexnet-lrn2": (BATCH, 256, 27, 27)}
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
-IMPLS = ["eager", "compile"] + [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+IMPLS = ["eager", "compile"] + fastdl_impls(DEVICE)
 
 
 def _runner(impl, x, grad, training):

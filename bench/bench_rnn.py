@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import GRU, LSTM
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,7 +21,7 @@ if DEVICE.type == "cuda":
 else:
     SHAPES = [(32, 256, 512, 1)]
     DTYPES = [torch.float32]
-IMPLS = ["eager", "cells"] + [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+IMPLS = ["eager", "cells"] + fastdl_impls(DEVICE)
 MODULES = {"LSTM": (torch.nn.LSTM, LSTM, torch.nn.LSTMCell), "GRU": (torch.nn.GRU, GRU, torch.nn.GRUCell)}
 
 

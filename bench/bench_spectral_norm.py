@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fastdl
+from conftest import fastdl_impls
 from fastdl.ops import spectral_norm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,7 +25,7 @@ WEIGHTS = {
     "512x4608": (512, 4608),
 }
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
-IMPLS = ["eager"] + [b for b in ("native", "triton") if b in fastdl.available_backends(DEVICE)]
+IMPLS = ["eager"] + fastdl_impls(DEVICE)
 
 
 def _holder(shape, dtype, impl):

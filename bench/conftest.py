@@ -45,6 +45,12 @@ def pytest_addoption(parser):
     parser.addoption("--fastdl-report", default=None, help="write the benchmark summary as Markdown to this path")
 
 
+def fastdl_impls(device: torch.device) -> list[str]:
+    """The fastdl rows of a case: ``auto`` (what users get, the never-slower promise included) and each
+    kernel backend that runs on ``device`` here, by name."""
+    return ["auto"] + [name for name in ("native", "triton") if name in fastdl.available_backends(device)]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
