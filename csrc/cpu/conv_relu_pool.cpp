@@ -584,11 +584,14 @@ at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
 // input channels (AlexNet conv1: 3, VGG16 block 1: 64; 1.2–1.35× one thread) and loses on wider ones
 // (AlexNet conv2, 96 → 256: 1.35× slower at batch 16), so below AVX-512 only those run channels-last.
 // fastdl's instruction set stands for oneDNN's here: both follow the CPU unless one is capped by hand.
-at::MemoryFormat forward_conv_format(const at::Tensor& input, const at::Tensor& weight) {
+bool onednn_prefers_channels_last(const at::Tensor& input) {
   constexpr int64_t kFewChannels = 64;
-  if (format_of(input) == kChannelsLast) return kChannelsLast;
-  const bool channels_last_wins = cpu_isa() == CpuIsa::avx512 || input.size(1) <= kFewChannels;
-  return channels_last_wins && input.numel() >= weight.numel() ? kChannelsLast : at::MemoryFormat::Contiguous;
+  return format_of(input) == kChannelsLast || cpu_isa() == CpuIsa::avx512 || input.size(1) <= kFewChannels;
+}
+
+at::MemoryFormat forward_conv_format(const at::Tensor& input, const at::Tensor& weight) {
+  const bool conversion_pays = format_of(input) == kChannelsLast || input.numel() >= weight.numel();
+  return onednn_prefers_channels_last(input) && conversion_pays ? kChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // Whether the sparse backward beats oneDNN's dense one. It does several times fewer multiply-adds, but
@@ -688,12 +691,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
     } else if (has_bias) {
       grad_bias.zero_();
     }
-    // In channels-last, whatever the forward chose: ∂L/∂z is built there, and oneDNN's channels-last
-    // backward is as fast as or faster than its NCHW one on every layer measured (VGG16 block 5 at batch
-    // 16: 7% faster), which outweighs converting the input and weight.
+    // ∂L/∂z is built in channels-last; oneDNN's AVX-512 channels-last backward is as fast as or faster than
+    // its NCHW one on every layer measured (VGG16 block 5 at batch 16: 7% faster), which outweighs
+    // converting the input and weight. Its AVX2 one is not, for wide inputs (VGG16 block 5: NCHW 10%
+    // faster, one thread): there ∂L/∂z is transposed instead (a pass costing ~1% of that backward).
     if (input_needs_grad || weight_needs_grad) {
+      const auto format = onednn_prefers_channels_last(input) ? kChannelsLast : at::MemoryFormat::Contiguous;
       std::tie(grad_input, grad_weight, std::ignore) =
-          at::convolution_backward(grad_z, in_format(input, kChannelsLast), in_format(weight, kChannelsLast),
+          at::convolution_backward(in_format(grad_z, format), in_format(input, format), in_format(weight, format),
                                    std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                    {input_needs_grad, weight_needs_grad, false});
     }
