@@ -101,3 +101,86 @@ def backend_device_cases(cpu_dtypes=(torch.float32, torch.float64),
         for dtype in cuda_dtypes:
             cases.append(pytest.param(backend, "cuda", dtype, marks=pytest.mark.cuda, id=f"{backend}-cuda-{str(dtype)[6:]}"))
     return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd beyond first-order reverse mode: the same transform applied to a fastdl function and to its
+# PyTorch oracle must give the same numbers.
+
+AUTOGRAD_TRANSFORMS = ("grad", "vjp", "vmap_grad", "jacrev", "jvp", "jacfwd", "forward_ad", "double_backward")
+
+
+def _as_tuple(outputs) -> tuple:
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+
+
+def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], seed: int = 0) -> tuple:
+    """``fn(*inputs)`` (tensors in, a tensor or tuple of tensors out) differentiated by the autograd
+    transform ``name`` (one of :data:`AUTOGRAD_TRANSFORMS`), with every input as a differentiation
+    variable; returns the flat tuple of resulting tensors. Cotangents and tangents are drawn from
+    ``seed``, so two functions with the same output shapes are differentiated in the same directions.
+
+    ``vmap_grad`` is per-sample gradients over two samples (the inputs and a perturbed copy, stacked);
+    ``forward_ad`` uses ``torch.autograd.forward_ad`` dual tensors (a missing tangent counts as zero, so a
+    silently dropped tangent fails the comparison); ``double_backward`` is the gradient of
+    ⟨∂L/∂inputs, w⟩ for a fixed w, through ``create_graph=True``."""
+    import torch.func as func
+    from torch.autograd import forward_ad
+
+    inputs = tuple(t.detach() for t in inputs)
+    generator = torch.Generator().manual_seed(seed)
+    randn_like = lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)  # noqa: E731
+    outputs = _as_tuple(fn(*inputs))
+    cotangents = tuple(randn_like(o) for o in outputs)
+    tangents = tuple(randn_like(t) for t in inputs)
+    directions = tuple(randn_like(t) for t in inputs)
+    argnums = tuple(range(len(inputs)))
+
+    def loss(*args):
+        return sum((o * c).sum() for o, c in zip(_as_tuple(fn(*args)), cotangents))
+
+    def flat(*args):
+        return torch.cat([o.reshape(-1) for o in _as_tuple(fn(*args))])
+
+    if name == "grad":
+        return func.grad(loss, argnums=argnums)(*inputs)
+    if name == "vjp":
+        primals, pullback = func.vjp(fn, *inputs)
+        return pullback(cotangents[0] if isinstance(primals, torch.Tensor) else cotangents)
+    if name == "vmap_grad":
+        batch = tuple(torch.stack([t, 0.9 * t + 0.1 * d]) for t, d in zip(inputs, directions))
+        return func.vmap(func.grad(loss, argnums=argnums))(*batch)
+    if name == "jacrev":
+        return func.jacrev(flat, argnums=argnums)(*inputs)
+    if name == "jacfwd":
+        return func.jacfwd(flat, argnums=argnums)(*inputs)
+    if name == "jvp":
+        return _as_tuple(func.jvp(fn, inputs, tangents)[1])
+    if name == "forward_ad":
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(t, d) for t, d in zip(inputs, tangents)]
+            results = [forward_ad.unpack_dual(o) for o in _as_tuple(fn(*duals))]
+            return tuple(r.tangent if r.tangent is not None else torch.zeros_like(r.primal) for r in results)
+    if name == "double_backward":
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
+        inner = sum((g * w).sum() for g, w in zip(grads, directions) if g.requires_grad)
+        if not isinstance(inner, torch.Tensor):  # every gradient is constant: the second derivatives are zero
+            return tuple(torch.zeros_like(t) for t in inputs)
+        second = torch.autograd.grad(inner, leaves, allow_unused=True)
+        return tuple(torch.zeros_like(t) if s is None else s for s, t in zip(second, inputs))
+    raise ValueError(f"unknown autograd transform {name!r}; expected one of {', '.join(AUTOGRAD_TRANSFORMS)}")
+
+
+def assert_transform_matches(name: str, actual_fn: Callable, expected_fn: Callable, inputs: Sequence[torch.Tensor],
+                             *, dtype: torch.dtype = torch.float64) -> None:
+    """Runs :func:`autograd_transform` ``name`` on ``actual_fn`` (inputs cast to ``dtype``) and on
+    ``expected_fn`` (the oracle, in fp64) and compares every resulting tensor with :func:`assert_close`."""
+    cast = [t.detach().to(dtype) if t.is_floating_point() else t for t in inputs]
+    oracle = [t.detach().double() if t.is_floating_point() else t for t in inputs]
+    actual = autograd_transform(name, actual_fn, cast)
+    expected = autograd_transform(name, expected_fn, oracle)
+    assert len(actual) == len(expected), f"{name}: {len(actual)} results, expected {len(expected)}"
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == dtype, f"{name} result {index}: dtype {a.dtype}, expected {dtype}"
+        assert_close(a, e, name=f"{name} result {index}")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import fastdl
 from fastdl.ops import LocalResponseNorm, local_response_norm
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 
@@ -118,6 +118,23 @@ def test_native_gradcheck_fp64(use_backend):
     with use_backend("native", "cpu"):
         assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0), (x,))
         assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 4, 0.9, 1.3, 0.5), (x,))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms, forward-mode AD and double backward give torch's numbers."""
+    x = torch.randn(2, 5, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0),
+                                 lambda t: F.local_response_norm(t, 3, 0.5, 0.75, 1.0), [x], dtype=dtype)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda t: local_response_norm(t, 3, 0.9, 1.3, 0.5), (x,))
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])

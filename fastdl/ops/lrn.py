@@ -18,6 +18,10 @@ selection, the functional and the module.
 Autograd keeps only the input for backward. The scale is rebuilt there from x: the window sum costs two
 flops per element in a pass that reads x anyway, while keeping it would cost a full-size write in forward,
 a full-size read in backward, and one more activation held per LRN layer.
+
+The reference kernels double as the composite of ``fastdl/_autograd.py``: under ``torch.func`` transforms
+and forward-mode AD the functional is ``F.local_response_norm``, and a backward that must itself be
+differentiable (``create_graph=True``) is the reference backward, plain PyTorch in (g, x).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
 from .._layout import in_format, preserved_format
 
@@ -105,6 +110,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     (input,) = ctx.saved_tensors
+    if differentiable_backward_required():  # the reference formula is plain PyTorch in (g, x): differentiable
+        return _reference_backward(grad_output, input, *ctx.hyperparameters), None, None, None, None
     grad_input = _backward_op(grad_output, input, *ctx.hyperparameters)
     return grad_input, None, None, None, None
 
@@ -134,9 +141,13 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
         y_c = x_c \Big(k + \frac{\alpha}{n} \sum_{j=c-\lfloor n/2 \rfloor}^{c+\lfloor (n-1)/2 \rfloor} x_j^2\Big)^{-\beta}
 
     with zeros for channels outside the input. ``input`` is (N, C, *) of any rank ≥ 3; channels_last
-    inputs keep their layout. Differentiable in ``input`` (once: no double backward).
+    inputs keep their layout. Differentiable in ``input`` to any order, in every autograd mode
+    (``torch.func`` transforms and forward-mode AD run the composite, ``F.local_response_norm``; see
+    ``fastdl/_autograd.py``).
     """
     _check(input, size)
+    if composite_required():
+        return _reference_forward(input, size, float(alpha), float(beta), float(k))
     return _forward_op(input, size, float(alpha), float(beta), float(k))
 
 
