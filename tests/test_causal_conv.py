@@ -6,7 +6,10 @@ import torch.nn.functional as F
 
 import fastdl
 from fastdl.ops import CausalConv1d, causal_conv1d, causal_conv1d_step
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from torch.func import functional_call
+from torch.nn.utils.parametrizations import weight_norm
+
+from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -202,6 +205,40 @@ def test_native_gradcheck_fp64(use_backend):
         for groups, k, dilation in ((1, 3, 2), (4, 2, 3)):
             x, w, b = _operands(2, 4, 4, 7, k, groups, seed=8)
             assert torch.autograd.gradcheck(lambda *t: causal_conv1d(*t, dilation, groups), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms (over functional_call of the module), forward-mode AD and double backward give
+    the numbers of the same transform over torch's padded Conv1d."""
+    module = CausalConv1d(4, 6, 3, dilation=2, groups=2).to(dtype)
+    x, w, b = _operands(2, 4, 6, 5, 3, 2, seed=11)
+    ours = lambda x, w, b: functional_call(module, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, lambda x, w, b: oracle(x, w, b, 2, 2), [x, w, b], dtype=dtype)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    x, w, b = _operands(2, 4, 4, 6, 3, 2, seed=12)
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda *t: causal_conv1d(*t, 2, 2), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_step_under_weight_norm(backend, use_backend):
+    """WaveNet/TCN code puts weight norm on every conv: step reads the parametrized weight."""
+    torch.manual_seed(13)
+    module = weight_norm(CausalConv1d(3, 5, 3, dilation=2))
+    x = torch.randn(2, 3, 9)
+    with use_backend(backend, "cpu"), torch.no_grad():
+        expected = oracle(x, module.weight, module.bias, 2, 1)
+        state, outputs = module.init_state(2), []
+        for t in range(x.shape[-1]):
+            y, state = module.step(x[:, :, t], state)
+            outputs.append(y)
+    torch.testing.assert_close(torch.stack(outputs, dim=-1), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])

@@ -4,10 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+from torch.nn.utils.parametrizations import weight_norm
 
 import fastdl
-from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool, spectral_norm
+from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -187,6 +191,32 @@ def test_native_gradcheck_fp64(use_backend):
         assert torch.autograd.gradcheck(lambda *t: conv_relu_pool2d(*t, pool_kernel_size=2), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms (over functional_call of the module), forward-mode AD and double backward give
+    the numbers of the same transform over Conv2d → ReLU → MaxPool2d."""
+    module = ConvReLUPool2d(2, 3, 3, padding=1, pool_kernel_size=3, pool_stride=2, ceil_mode=True).to(dtype)
+    g = torch.Generator().manual_seed(14)
+    x, w, b = (torch.randn(shape, dtype=torch.float64, generator=g) for shape in ((2, 2, 6, 5), (3, 2, 3, 3), (3,)))
+
+    def oracle(x, w, b):
+        return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 3, 2, ceil_mode=True)
+
+    ours = lambda x, w, b: functional_call(module, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, oracle, [x, w, b], dtype=dtype)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    g = torch.Generator().manual_seed(15)
+    x, w, b = (torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+               for shape in ((1, 2, 7, 6), (3, 2, 3, 3), (3,)))
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda *t: conv_relu_pool2d(*t, padding=1, pool_kernel_size=2), (x, w, b))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,6 +332,54 @@ def test_fuse_conv_relu_pool_keeps_outputs_gradients_and_state(make, shape, fuse
     for a, e in zip(grads, expected_grads):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     original.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("parametrization", ["fastdl-spectral-norm", "torch-spectral-norm", "weight-norm"])
+def test_fuse_keeps_parametrizations(parametrization):
+    apply = {"fastdl-spectral-norm": spectral_norm, "torch-spectral-norm": torch_spectral_norm,
+             "weight-norm": weight_norm}[parametrization]
+    torch.manual_seed(0)
+    original = nn.Sequential(apply(nn.Conv2d(3, 8, 3, padding=1).double()), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    model = nn.Sequential(apply(nn.Conv2d(3, 8, 3, padding=1).double()), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    model.load_state_dict(original.state_dict())
+    conv = model[0]
+    fuse_conv_relu_pool(model)
+    fused = model[0]
+    assert isinstance(fused, ConvReLUPool2d) and parametrize.is_parametrized(fused, "weight")
+    assert fused.parametrizations.weight is conv.parametrizations.weight, "the parametrization is shared, not copied"
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):  # training steps: spectral norm's power iteration updates its buffers each time
+        expected, actual = original(x), model(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(actual.sum(), list(model.parameters()))
+        for a, e in zip(grads, torch.autograd.grad(expected.sum(), list(original.parameters()))):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.state_dict(), original.state_dict(), rtol=1e-10, atol=1e-12)
+    parametrize.remove_parametrizations(fused, "weight")
+    assert type(fused) is ConvReLUPool2d and isinstance(fused.weight, nn.Parameter)
+
+
+def test_fuse_keeps_hooks():
+    """A conv's forward pre-hooks move with it; a run with hooks that would see the ReLU's or the pool's
+    tensors, or the conv's output, is not fused, so those hooks keep running with their usual arguments."""
+    torch.manual_seed(0)
+    seen = []
+    pre_hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    pre_hooked[0].register_forward_pre_hook(lambda module, args: seen.append(("pre", args[0].shape)))
+    pooled_hooked = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    pooled_hooked[2].register_forward_hook(lambda module, args, out: seen.append(("pool", out.shape)))
+    conv_hooked = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    conv_hooked[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(("conv-backward",)))
+    model = nn.Sequential(pre_hooked, pooled_hooked, conv_hooked)
+    fuse_conv_relu_pool(model)
+    assert isinstance(pre_hooked[0], ConvReLUPool2d)
+    assert type(pooled_hooked[0]) is nn.Conv2d and type(conv_hooked[0]) is nn.Conv2d
+    x = torch.randn(1, 3, 30, 30, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [("pre", (1, 3, 30, 30)), ("pool", (1, 4, 6, 6)), ("conv-backward",)]
+    with pytest.raises(ValueError, match="backward hooks"):
+        ConvReLUPool2d.from_modules(conv_hooked[0], conv_hooked[2])
 
 
 @pytest.mark.parametrize(

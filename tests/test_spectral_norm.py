@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fastdl
 from fastdl.ops import spectral_norm, spectral_normalize
-from fastdl.testing import assert_close, backend_device_cases
+from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases
 
 CPU_CASES = [c for c in backend_device_cases() if c.values[1] == "cpu"]
 CASES = backend_device_cases()
@@ -226,6 +227,95 @@ def test_native_gradcheck_fp64(use_backend):
         u0 = F.normalize(torch.randn(5, dtype=torch.float64), dim=0)
         v0 = F.normalize(torch.randn(6, dtype=torch.float64), dim=0)
         assert torch.autograd.gradcheck(lambda w: spectral_normalize(w, u0, v0, 1, 1e-12, False, dim=0)[0], (weight,))
+
+
+def _power_iteration_oracle(weight, u, v, dim, training):
+    """W / uᵀWv with u, v from one no-grad power iteration on W's matrix view (dim as rows)."""
+    matrix = weight.movedim(dim, 0).flatten(1)
+    if training:
+        with torch.no_grad():
+            u = F.normalize(torch.mv(matrix, v), dim=0, eps=1e-12)
+            v = F.normalize(torch.mv(matrix.t(), u), dim=0, eps=1e-12)
+        u, v = u.detach(), v.detach()
+    return weight / torch.vdot(u, torch.mv(matrix, v))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_of_the_functional(transform, dtype, training, backend, use_backend):
+    """torch.func transforms, forward-mode AD and double backward of W / σ(W) (u, v constants of the
+    gradient, as in torch), against the same formula in plain torch ops."""
+    g = torch.Generator().manual_seed(16)
+    weight = torch.randn(4, 3, 2, dtype=torch.float64, generator=g)
+    u = F.normalize(torch.randn(3, dtype=torch.float64, generator=g), dim=0)
+    v = F.normalize(torch.randn(8, dtype=torch.float64, generator=g), dim=0)
+
+    def ours(w):
+        return spectral_normalize(w, u.to(w.dtype), v.to(w.dtype), 1, 1e-12, training, dim=1)[0]
+
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, lambda w: _power_iteration_oracle(w, u, v, 1, training), [weight],
+                                 dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_of_the_module_match_torch(transform, backend, use_backend):
+    """functional_call over the parametrized module in eval mode (where torch's parametrization supports
+    every transform), side by side with torch's."""
+    theirs, ours = _twins(lambda: nn.Linear(5, 4), torch.float64, "cpu")
+    theirs.eval(), ours.eval()
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    names = ("parametrizations.weight.original", "bias")
+    params = [dict(theirs.named_parameters())[name] for name in names]
+
+    def call(module):
+        return lambda x, w, b: functional_call(module, dict(zip(names, (w, b))), (x,))
+
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, call(ours), call(theirs), [x, *params])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_gradgradcheck_fp64(backend, use_backend):
+    weight = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    u = F.normalize(torch.randn(3, dtype=torch.float64), dim=0)
+    v = F.normalize(torch.randn(10, dtype=torch.float64), dim=0)
+    module = spectral_norm(nn.Linear(4, 3).double()).eval()  # the parametrization's eager step (C++ on native)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    original = module.parametrizations.weight.original
+    with use_backend(backend, "cpu"):
+        assert torch.autograd.gradgradcheck(lambda w: spectral_normalize(w, u, v, 1, 1e-12, False, dim=1)[0], (weight,))
+        assert torch.autograd.gradgradcheck(
+            lambda x, w: functional_call(module, {"parametrizations.weight.original": w}, (x,)), (x, original))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_wgan_gradient_penalty_matches_torch(backend, use_backend):
+    """WGAN-GP through a spectrally normalized critic in training mode (the penalty's parameter gradient is
+    a second derivative of the critic): every parameter gradient and the updated buffers match torch's."""
+    torch.manual_seed(0)
+    theirs = _spectral(_discriminator().double(), torch_spectral_norm)
+    ours = _spectral(_discriminator().double(), spectral_norm)
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(18)
+    real, fake = (torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    mix = torch.rand(3, 1, 1, 1, dtype=torch.float64, generator=g)
+    results = []
+    with use_backend(backend, "cpu"):
+        for critic in (ours, theirs):
+            between = (mix * real + (1 - mix) * fake).requires_grad_()
+            (slope,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
+            penalty = ((slope.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            loss = critic(fake).mean() - critic(real).mean() + 10 * penalty
+            results.append((loss.detach(), torch.autograd.grad(loss, list(critic.parameters()))))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert_close(loss, expected_loss, name="loss")
+    for (name, _), a, e in zip(theirs.named_parameters(), grads, expected_grads):
+        assert_close(a, e, name=f"grad {name}")
+    assert_close(ours.state_dict()["0.parametrizations.weight.0._u"], theirs.state_dict()["0.parametrizations.weight.0._u"])
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])

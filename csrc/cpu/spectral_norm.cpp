@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/Exceptions.h>
@@ -494,6 +495,27 @@ Normalized step_on_buffers(const at::Tensor& weight, const at::Tensor& u, const 
   return normalized;
 }
 
+// ∂L/∂W in differentiable ATen ops, for a backward that must itself be differentiable (see
+// fastdl/_autograd.py): σ = uᵀ W v is rebuilt from W, so that ∂σ/∂W reaches the second derivative.
+at::Tensor differentiable_weight_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& uv,
+                                          int64_t dim) {
+  const int64_t rows = weight.size(dim);
+  const at::Tensor u = uv.narrow(0, 0, rows), v = uv.narrow(0, rows, uv.numel() - rows);
+  const at::Tensor sigma = at::dot(u, at::mv(weight.movedim(dim, 0).flatten(1), v));
+  std::vector<int64_t> moved_shape = weight.sizes().vec();  // the shape of weight.movedim(dim, 0)
+  std::rotate(moved_shape.begin(), moved_shape.begin() + dim, moved_shape.begin() + dim + 1);
+  const at::Tensor outer = at::outer(u, v).reshape(moved_shape).movedim(0, dim);
+  return grad_output / sigma - (grad_output * weight).sum() / (sigma * sigma) * outer;
+}
+
+// Whether backward must be differentiable ATen ops: autograd records it (create_graph turns grad mode on),
+// a functorch transform runs over it, or a tangent rides on its operands (forward-mode AD).
+bool differentiable_backward_required(const at::Tensor& grad_output, const at::Tensor& weight) {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return at::GradMode::is_enabled() || included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         grad_output._fw_grad(/*level=*/0).defined() || weight._fw_grad(/*level=*/0).defined();
+}
+
 // W / σ with its autograd node. What ∂L/∂W reads is saved: W (the parameter, alive anyway) and the
 // step's own u, v and σ, not the buffers: a later step may overwrite the buffers before backward (D(real)
 // and D(fake) in one GAN loss), as torch's clones guard against too.
@@ -526,6 +548,9 @@ class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[0], &uv = saved[1];
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    if (differentiable_backward_required(grads[0], weight))
+      return {differentiable_weight_gradient(grads[0], weight, uv, dim), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor()};
     const char* u_data = static_cast<const char*>(uv.const_data_ptr());
     const char* v_data = u_data + weight.size(dim) * uv.element_size();
     const at::Tensor grad_weight =
