@@ -163,8 +163,8 @@ def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], 
             return tuple(r.tangent if r.tangent is not None else torch.zeros_like(r.primal) for r in results)
     if name == "double_backward":
         leaves = [t.clone().requires_grad_() for t in inputs]
-        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
-        inner = sum((g * w).sum() for g, w in zip(grads, directions) if g.requires_grad)
+        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
+        inner = sum((g * w).sum() for g, w in zip(grads, directions) if g is not None and g.requires_grad)
         if not isinstance(inner, torch.Tensor):  # every gradient is constant: the second derivatives are zero
             return tuple(torch.zeros_like(t) for t in inputs)
         second = torch.autograd.grad(inner, leaves, allow_unused=True)
