@@ -114,13 +114,16 @@ def _as_tuple(outputs) -> tuple:
     return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
 
 
-def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], seed: int = 0) -> tuple:
+def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], seed: int = 0, *,
+                       vectorized: bool = True) -> tuple:
     """``fn(*inputs)`` (tensors in, a tensor or tuple of tensors out) differentiated by the autograd
     transform ``name`` (one of :data:`AUTOGRAD_TRANSFORMS`), with every input as a differentiation
     variable; returns the flat tuple of resulting tensors. Cotangents and tangents are drawn from
     ``seed``, so two functions with the same output shapes are differentiated in the same directions.
 
-    ``vmap_grad`` is per-sample gradients over two samples (the inputs and a perturbed copy, stacked);
+    ``vmap_grad`` is per-sample gradients over two samples (the inputs and a perturbed copy, stacked),
+    under ``torch.func.vmap``, or one sample after the other when not ``vectorized`` (for an oracle that
+    vmap cannot run: torch's fp64 ``nn.LSTM``);
     ``forward_ad`` uses ``torch.autograd.forward_ad`` dual tensors (a missing tangent counts as zero, so a
     silently dropped tangent fails the comparison); ``double_backward`` is the gradient of
     ⟨∂L/∂inputs, w⟩ for a fixed w, through ``create_graph=True``."""
@@ -149,7 +152,10 @@ def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], 
         return pullback(cotangents[0] if isinstance(primals, torch.Tensor) else cotangents)
     if name == "vmap_grad":
         batch = tuple(torch.stack([t, 0.9 * t + 0.1 * d]) for t, d in zip(inputs, directions))
-        return func.vmap(func.grad(loss, argnums=argnums))(*batch)
+        if vectorized:
+            return func.vmap(func.grad(loss, argnums=argnums))(*batch)
+        samples = [func.grad(loss, argnums=argnums)(*(t[i] for t in batch)) for i in range(2)]
+        return tuple(torch.stack(per_input) for per_input in zip(*samples))
     if name == "jacrev":
         return func.jacrev(flat, argnums=argnums)(*inputs)
     if name == "jacfwd":
@@ -175,11 +181,12 @@ def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], 
 def assert_transform_matches(name: str, actual_fn: Callable, expected_fn: Callable, inputs: Sequence[torch.Tensor],
                              *, dtype: torch.dtype = torch.float64) -> None:
     """Runs :func:`autograd_transform` ``name`` on ``actual_fn`` (inputs cast to ``dtype``) and on
-    ``expected_fn`` (the oracle, in fp64) and compares every resulting tensor with :func:`assert_close`."""
+    ``expected_fn`` (the oracle, in fp64; per-sample gradients by a loop) and compares every resulting
+    tensor with :func:`assert_close`."""
     cast = [t.detach().to(dtype) if t.is_floating_point() else t for t in inputs]
     oracle = [t.detach().double() if t.is_floating_point() else t for t in inputs]
     actual = autograd_transform(name, actual_fn, cast)
-    expected = autograd_transform(name, expected_fn, oracle)
+    expected = autograd_transform(name, expected_fn, oracle, vectorized=False)
     assert len(actual) == len(expected), f"{name}: {len(actual)} results, expected {len(expected)}"
     for index, (a, e) in enumerate(zip(actual, expected)):
         assert a.dtype == dtype, f"{name} result {index}: dtype {a.dtype}, expected {dtype}"

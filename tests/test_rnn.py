@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastdl
 from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
-from fastdl.testing import assert_close, backend_device_cases, outputs_and_grads
+from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -232,7 +232,8 @@ def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with use_backend(backend, device):
         for op, args in _op_samples(device):
-            # Backward ops have no derivative of their own (no double backward), so only forward ops get grads.
+            # Backward ops have no autograd formula of their own (the forward ops' differentiable backward is
+            # the reference loop), so only forward ops get grads.
             differentiable = not op.name().endswith("_backward")
             args = tuple(a.requires_grad_(differentiable) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                          for a in args)
@@ -314,23 +315,126 @@ def test_deterministic(backend, device, dtype, use_backend):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize(
-    "call,error,match",
-    [
-        (lambda: LSTM(4, 5)(torch.randn(2, 3, 4, 5)), ValueError, "LSTM"),
-        (lambda: GRU(4, 5)(torch.randn(3, 2, 6)), RuntimeError, "input.size"),
-        (lambda: LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), RuntimeError, "3-D"),
-        (lambda: GRU(4, 5)(torch.randn(3, 2, 4), torch.randn(1, 3, 5)), RuntimeError, "hidden"),
-        (lambda: LSTMCell(4, 5)(torch.randn(2, 3, 4)), ValueError, "LSTMCell"),
-        (lambda: lstm_cell(torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5)), torch.randn(20, 4), torch.randn(20, 5)),
-         RuntimeError, "input_size"),
-        (lambda: gru_cell(torch.randn(2, 4), torch.randn(3, 5), torch.randn(15, 4), torch.randn(15, 5)), RuntimeError, "hx"),
-    ],
-    ids=["lstm-rank4", "gru-input-size", "lstm-state-rank", "gru-state-batch", "cell-rank3", "lstm-cell-size", "gru-cell-batch"],
-)
-def test_bad_input_raises_like_torch(call, error, match):
-    with pytest.raises(error, match=match):
+# ------------------------------------------------------------------------- beyond first-order autograd
+def _functional(module, count):
+    """``fn(*inputs, *parameters)`` = the module on ``inputs`` (its first ``count`` arguments) with the
+    given parameters, through functional_call; a tuple of states is one argument of the module."""
+    names = [name for name, _ in module.named_parameters()]
+
+    def run(*args):
+        inputs = args[:count]
+        call_args = (inputs[0], tuple(inputs[1:]) if len(inputs) > 2 else inputs[1]) if count > 1 else inputs
+        output = functional_call(module, dict(zip(names, args[count:])), call_args)
+        if isinstance(output, tuple):  # (output, hidden) or (h, c): flatten
+            return tuple(t for part in output for t in (part if isinstance(part, tuple) else (part,)))
+        return output
+
+    return run
+
+
+TRANSFORM_MODULES = {
+    "lstm-cell": (LSTMCell, dict(input_size=3, hidden_size=4), lambda g: (_randn(2, 3, seed=g), _randn(2, 4, seed=g + 1),
+                                                                         _randn(2, 4, seed=g + 2))),
+    "gru-cell": (GRUCell, dict(input_size=3, hidden_size=4), lambda g: (_randn(2, 3, seed=g), _randn(2, 4, seed=g + 1))),
+    "lstm": (LSTM, dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True),
+             lambda g: (_randn(2, 3, 3, seed=g), _randn(4, 2, 2, seed=g + 1), _randn(4, 2, 4, seed=g + 2))),
+    "gru": (GRU, dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True),
+            lambda g: (_randn(3, 2, 3, seed=g), _randn(4, 2, 4, seed=g + 1))),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", list(TRANSFORM_MODULES))
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, kind, backend, use_backend):
+    """functional_call over the parameters, with input and states differentiated too, side by side with
+    torch's module: torch.func transforms, forward-mode AD and double backward."""
+    cls, kwargs, make = TRANSFORM_MODULES[kind]
+    theirs, ours = _twins(cls, **kwargs)
+    ours.double()
+    inputs = make(30)
+    params = [p.detach() for p in theirs.parameters()]
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, _functional(ours, len(inputs)), _functional(theirs, len(inputs)),
+                                 [*inputs, *params])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_gradgradcheck_fp64_packed(cls, backend, use_backend):
+    torch.manual_seed(0)
+    module = cls(3, 4, bidirectional=True, **(dict(proj_size=2) if cls is LSTM else {})).double()
+    lengths = torch.tensor([3, 1, 2])
+    x = _randn(3, 3, 3).requires_grad_()
+    states = _states(module, 3, seed=31)
+
+    def fn(x, *states):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, hidden = module(packed, states if len(states) == 2 else states[0])
+        return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+
+    with use_backend(backend, "cpu"):
+        assert torch.autograd.gradgradcheck(fn, (x, *states))
+
+
+def _raised(call):
+    try:
         call()
+    except Exception as error:  # noqa: BLE001 (the type is compared)
+        return error
+    raise AssertionError("no exception raised")
+
+
+# (id, fastdl call, torch call): the same mistake made with both; torch's exception type and message are
+# expected (PyTorch's own tests match messages with regexes).
+_W4, _W3 = torch.randn(20, 4), torch.randn(15, 4)
+ERRORS = [
+    ("lstm-rank4", lambda m: m(torch.randn(2, 3, 4, 5)), "LSTM"),
+    ("lstm-input-size", lambda m: m(torch.randn(3, 2, 6)), "LSTM"),
+    ("lstm-state-rank", lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), "LSTM"),
+    ("lstm-unbatched-state-rank", lambda m: m(torch.randn(3, 4), (torch.randn(1, 1, 5), torch.randn(1, 1, 5))), "LSTM"),
+    ("lstm-state-not-a-pair", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 2, 5)), "LSTM"),
+    ("lstm-cell-state-shape", lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(1, 2, 6))), "LSTM"),
+    ("lstm-sequence-length-0", lambda m: m(torch.randn(0, 2, 4)), "LSTM"),
+    ("gru-state-batch", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 3, 5)), "GRU"),
+    ("gru-state-rank", lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 5)), "GRU"),
+    ("gru-fp64-state", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 2, 5).double()), "GRU"),
+    ("gru-fp64-input", lambda m: m(torch.randn(3, 2, 4).double()), "GRU"),
+    ("gru-unbatched-length-0", lambda m: m(torch.randn(0, 4)), "GRU"),
+    ("lstm-cell-rank3", lambda m: m(torch.randn(2, 3, 4)), "LSTMCell"),
+    ("lstm-cell-state-rank3", lambda m: m(torch.randn(2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), "LSTMCell"),
+    ("lstm-cell-input-size", lambda m: m(torch.randn(2, 3)), "LSTMCell"),
+    ("lstm-cell-hidden-size", lambda m: m(torch.randn(2, 4), (torch.randn(2, 6), torch.randn(2, 5))), "LSTMCell"),
+    ("lstm-cell-cell-size", lambda m: m(torch.randn(2, 4), (torch.randn(2, 5), torch.randn(2, 6))), "LSTMCell"),
+    ("lstm-cell-batch", lambda m: m(torch.randn(2, 4), (torch.randn(3, 5), torch.randn(3, 5))), "LSTMCell"),
+    ("lstm-cell-unbatched-2d-state", lambda m: m(torch.randn(4), (torch.randn(1, 5), torch.randn(1, 5))), "LSTMCell"),
+    ("gru-cell-state-rank3", lambda m: m(torch.randn(2, 4), torch.randn(1, 2, 5)), "GRUCell"),
+    ("gru-cell-hidden-size", lambda m: m(torch.randn(2, 4), torch.randn(2, 6)), "GRUCell"),
+    ("gru-cell-batch", lambda m: m(torch.randn(2, 4), torch.randn(3, 5)), "GRUCell"),
+    ("lstm-cell-functional-input-size",
+     lambda f: f(torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5)), _W4, torch.randn(20, 5)), "lstm_cell"),
+    ("gru-cell-functional-batch", lambda f: f(torch.randn(2, 4), torch.randn(3, 5), _W3, torch.randn(15, 5)), "gru_cell"),
+]
+_OURS = {"LSTM": LSTM(4, 5), "GRU": GRU(4, 5), "LSTMCell": LSTMCell(4, 5), "GRUCell": GRUCell(4, 5),
+         "lstm_cell": lstm_cell, "gru_cell": gru_cell}
+_THEIRS = {"LSTM": torch.nn.LSTM(4, 5), "GRU": torch.nn.GRU(4, 5), "LSTMCell": torch.nn.LSTMCell(4, 5),
+           "GRUCell": torch.nn.GRUCell(4, 5), "lstm_cell": torch.lstm_cell, "gru_cell": torch.gru_cell}
+
+
+@pytest.mark.parametrize("call,target", [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
+def test_bad_input_raises_like_torch(call, target):
+    expected, actual = _raised(lambda: call(_THEIRS[target])), _raised(lambda: call(_OURS[target]))
+    assert type(actual) is type(expected) and str(actual) == str(expected)
+
+
+def test_lstm_state_dtype_raises_torch_dtype_message():
+    """torch's own LSTM answers an fp64 state for fp32 input with a oneDNN-internal message; fastdl gives the
+    dtype message torch's GRU gives for the same mistake (the same exception type)."""
+    x, state = torch.randn(3, 2, 4), torch.randn(1, 2, 5)
+    expected = _raised(lambda: torch.nn.LSTM(4, 5)(x, (state.double(), state)))
+    actual = _raised(lambda: LSTM(4, 5)(x, (state.double(), state)))
+    assert type(actual) is type(expected) is RuntimeError
+    assert str(actual) == "mat1 and mat2 must have the same dtype, but got Double and Float"
 
 
 def test_explicit_backend_that_cannot_run_says_why():
