@@ -135,6 +135,16 @@ def test_unbatched_input(cls, batch_first, backend, device, dtype, use_backend):
     _check(ours, theirs, make, _rnn_call, backend, device, dtype, use_backend)
 
 
+def _packed_call(module, lengths):
+    """``fn(padded, *states)``: the module on the padded input packed with ``lengths`` (unsorted), returning
+    the packed output's data and the final states."""
+    def fn(x, *states):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, hidden = module(packed, states if len(states) == 2 else states[0])
+        return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+    return fn
+
+
 def test_native_gradcheck_fp64(use_backend):
     with use_backend("native", "cpu"):
         for cls, kwargs in [(LSTM, dict(proj_size=2, bidirectional=True)), (GRU, dict(bidirectional=True))]:
@@ -143,13 +153,7 @@ def test_native_gradcheck_fp64(use_backend):
             lengths = torch.tensor([3, 1, 2])
             x = _randn(3, 3, 3).requires_grad_()
             h = _states(module, 3, seed=1)
-
-            def fn(x, *states):
-                packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-                output, hidden = module(packed, states if len(states) == 2 else states[0])
-                return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
-
-            assert torch.autograd.gradcheck(fn, (x,) + h)
+            assert torch.autograd.gradcheck(_packed_call(module, lengths), (x,) + h)
             assert torch.autograd.gradcheck(lambda x, *s: _rnn_call(module, x, *s), (x,) + h)
         x, hx, cx = _randn(2, 3).requires_grad_(), _randn(2, 4, seed=1).requires_grad_(), _randn(2, 4, seed=2).requires_grad_()
         weights = [_randn(16, 3, seed=3).requires_grad_(), _randn(16, 4, seed=4).requires_grad_(),
@@ -367,14 +371,8 @@ def test_gradgradcheck_fp64_packed(cls, backend, use_backend):
     lengths = torch.tensor([3, 1, 2])
     x = _randn(3, 3, 3).requires_grad_()
     states = _states(module, 3, seed=31)
-
-    def fn(x, *states):
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-        output, hidden = module(packed, states if len(states) == 2 else states[0])
-        return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
-
     with use_backend(backend, "cpu"):
-        assert torch.autograd.gradgradcheck(fn, (x, *states))
+        assert torch.autograd.gradgradcheck(_packed_call(module, lengths), (x, *states))
 
 
 def _raised(call):
