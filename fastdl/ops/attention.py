@@ -55,6 +55,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
 from .._linear import linear
+from .._scripting import scriptable_twin
 
 __all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
 
@@ -649,6 +650,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(target_len, batch, embed)
         out = linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if is_batched else out.squeeze(1)), weights
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.MultiheadAttention)  # torch.jit.script (fastdl/_scripting.py)
 
     def _packed_self_attention(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                                dropout_p: float, is_causal: bool, batch_major: bool) -> Tensor:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .. import _extension
 from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
+from .._scripting import scriptable_twin
 
 __all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
 
@@ -352,6 +353,9 @@ class CausalConv1d(nn.Conv1d):
     def forward(self, input: Tensor) -> Tensor:
         return causal_conv1d(input, self.weight, self.bias, self.dilation[0], self.groups)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, _ScriptableCausalConv1d)  # torch.jit.script (fastdl/_scripting.py)
+
     def init_state(self, batch_size: int) -> CausalConvState:
         return causal_conv1d_init_state(batch_size, self.in_channels, self.kernel_size[0], self.dilation[0],
                                         device=self.weight.device, dtype=self.weight.dtype)
@@ -369,3 +373,12 @@ class CausalConv1d(nn.Conv1d):
             return _step_eager_native(input, state, weight, bias, self.dilation[0], self.groups)
         with torch.no_grad():
             return causal_conv1d_step(input, state, self.weight, self.bias, self.dilation[0], self.groups)
+
+
+class _ScriptableCausalConv1d(nn.Conv1d):
+    """CausalConv1d's forward in TorchScript-compilable PyTorch (fastdl/_scripting.py): the left-padded
+    ``F.conv1d`` the module docstring defines."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        padding = self.dilation[0] * (self.kernel_size[0] - 1)
+        return F.conv1d(F.pad(input, [padding, 0]), self.weight, self.bias, 1, 0, self.dilation, self.groups)

@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
+from .._scripting import scriptable_twin
 from .._layout import preserved_format
 
 __all__ = ["ConvReLUPool2d", "conv_relu_pool2d", "fuse_conv_relu_pool"]
@@ -385,6 +386,9 @@ class ConvReLUPool2d(nn.Conv2d):
         fused._set_pooling(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         return fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, _ScriptableConvReLUPool2d)  # torch.jit.script (fastdl/_scripting.py)
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}, "
                 f"pool_padding={self.pool_padding}, pool_dilation={self.pool_dilation}, ceil_mode={self.ceil_mode}")
@@ -396,6 +400,15 @@ class ConvReLUPool2d(nn.Conv2d):
         return conv_relu_pool2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                                 self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode,
                                 self.pool_dilation)
+
+
+class _ScriptableConvReLUPool2d(nn.Conv2d):
+    """ConvReLUPool2d's forward in TorchScript-compilable PyTorch (fastdl/_scripting.py): the conv (any
+    padding mode), ReLU and max-pool."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
+                            self.pool_stride, self.pool_padding, self.pool_dilation, self.ceil_mode)
 
 
 def _output_hooks(module: nn.Module) -> list[str]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
+from .._scripting import scriptable_twin
 from .._layout import in_format, preserved_format
 
 __all__ = ["LocalResponseNorm", "local_response_norm"]
@@ -156,3 +157,6 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.LocalResponseNorm)  # torch.jit.script (fastdl/_scripting.py)

@@ -54,6 +54,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .._autograd import composite_required, differentiable_backward_required
 from .._backends import OpKernels, standard_kernels
 from .._linear import linear
+from .._scripting import scriptable_twin
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "lstm_cell", "gru_cell"]
 
@@ -556,6 +557,9 @@ class LSTMCell(nn.LSTMCell):
             hx = (zeros, zeros)
         return _lstm_step("LSTMCell", input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.LSTMCell)  # torch.jit.script (fastdl/_scripting.py)
+
 
 class GRUCell(nn.GRUCell):
     """Drop-in ``nn.GRUCell`` (same constructor, parameters, state and errors) on fastdl's fused gate kernels."""
@@ -564,6 +568,9 @@ class GRUCell(nn.GRUCell):
         if hx is None:
             hx = input.new_zeros(input.shape[:-1] + (self.hidden_size,))
         return _gru_step("GRUCell", input, hx, "hidden", self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.GRUCell)  # torch.jit.script (fastdl/_scripting.py)
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -676,6 +683,9 @@ class LSTM(nn.LSTM):
     def forward(self, input, hx=None):
         return _forward(self, input, hx)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.LSTM)  # torch.jit.script (fastdl/_scripting.py)
+
 
 class GRU(nn.GRU):
     """Drop-in ``nn.GRU``: every constructor argument (``num_layers``, ``bias``, ``batch_first``,
@@ -684,3 +694,6 @@ class GRU(nn.GRU):
 
     def forward(self, input, hx=None):
         return _forward(self, input, hx)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.GRU)  # torch.jit.script (fastdl/_scripting.py)
