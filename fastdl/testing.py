@@ -191,3 +191,104 @@ def assert_transform_matches(name: str, actual_fn: Callable, expected_fn: Callab
     for index, (a, e) in enumerate(zip(actual, expected)):
         assert a.dtype == dtype, f"{name} result {index}: dtype {a.dtype}, expected {dtype}"
         assert_close(a, e, name=f"{name} result {index}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch's own sample inputs (its ModuleInfo and OpInfo databases in torch.testing._internal), run side by
+# side on a fastdl module or functional and on the torch one it replaces.
+
+
+def torch_module_info(torch_class: type):
+    """The ModuleInfo of ``torch_class`` in PyTorch's module database."""
+    from torch.testing._internal.common_modules import module_db
+
+    return next(info for info in module_db if info.module_cls is torch_class)
+
+
+def torch_module_samples(torch_class: type, *, training: bool = True) -> list:
+    """PyTorch's sample ModuleInputs for ``torch_class`` (fp64, CPU, requiring grad)."""
+    info = torch_module_info(torch_class)
+    return info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=training)
+
+
+def torch_module_error_samples(torch_class: type) -> list:
+    """PyTorch's ErrorModuleInputs for ``torch_class``: a ModuleInput, whether construction or forward
+    fails, and the exception type and message regex torch's own tests expect."""
+    info = torch_module_info(torch_class)
+    return info.module_error_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=True)
+
+
+def _fresh(value):
+    """A copy of a (nested) argument with every tensor detached and cloned, keeping requires_grad."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t,
+                    value)
+
+
+def assert_module_matches_torch(our_class: type, torch_class: type, sample, *, eval_mode: bool = False) -> None:
+    """Builds ``torch_class`` and ``our_class`` from ``sample.constructor_input`` with the same state, runs
+    both on (copies of) ``sample.forward_input`` and compares every output and the gradients of every input
+    and parameter (fp64, tight tolerance)."""
+    from torch.utils._pytree import tree_leaves
+
+    constructor, forward = sample.constructor_input, sample.forward_input
+    theirs = torch_class(*constructor.args, **constructor.kwargs).double()
+    ours = our_class(*constructor.args, **constructor.kwargs).double()
+    ours.load_state_dict(theirs.state_dict())
+    if eval_mode:
+        theirs.eval(), ours.eval()
+    results = []
+    for module in (theirs, ours):
+        args, kwargs = _fresh(forward.args), _fresh(forward.kwargs)
+        outputs = [t for t in tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves += list(module.parameters())
+        differentiable = [o for o in outputs if o.requires_grad]
+        generator = torch.Generator().manual_seed(0)
+        cotangents = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in differentiable]
+        grads = torch.autograd.grad(differentiable, leaves, cotangents, allow_unused=True) if differentiable else ()
+        results.append(([o.detach() for o in outputs], grads))
+    (expected, expected_grads), (actual, actual_grads) = results
+    assert len(actual) == len(expected), f"{len(actual)} outputs, torch gives {len(expected)}"
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, name=f"output {index}")
+    for index, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert (a is None) == (e is None), f"gradient {index}: {'none' if a is None else 'one'} where torch has the other"
+        if a is not None:
+            assert_close(a, e, name=f"gradient {index}")
+
+
+def torch_op_samples(name: str) -> list:
+    """PyTorch's SampleInputs (input, args, kwargs) for the op ``name`` of its OpInfo database, fp64 CPU,
+    requiring grad."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    info = next(op for op in op_db if op.name == name and op.variant_test_name == "")
+    return list(info.sample_inputs("cpu", torch.float64, requires_grad=True))
+
+
+def assert_function_matches_torch(ours: Callable, theirs: Callable, sample) -> None:
+    """``ours`` and ``theirs`` on (copies of) a SampleInput: outputs and the gradients of every tensor
+    argument that requires grad."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec = tree_flatten((sample.input, sample.args, sample.kwargs))
+    positions = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor)]
+
+    def call(fn):
+        def run(*tensors):
+            values = list(flat)
+            for position, tensor in zip(positions, tensors):
+                values[position] = tensor
+            input, args, kwargs = tree_unflatten(values, spec)
+            return fn(input, *args, **kwargs)
+        return run
+
+    tensors = [flat[i] for i in positions]
+    expected, expected_grads = outputs_and_grads(call(theirs), tensors)
+    actual, actual_grads = outputs_and_grads(call(ours), tensors)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, name=f"output {index}")
+    for index, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert_close(a, e, name=f"gradient {index}")

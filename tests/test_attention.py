@@ -11,8 +11,9 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import fastdl
 from fastdl.ops import MultiheadAttention, scaled_dot_product_attention
 from fastdl.ops.attention import dropout_multiplier
-from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases,
-                            outputs_and_grads, relative_error)
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_function_matches_torch,
+                            assert_module_matches_torch, assert_transform_matches, backend_device_cases,
+                            outputs_and_grads, relative_error, torch_module_samples, torch_op_samples)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -450,6 +451,18 @@ def test_multihead_attention_autograd_transforms_match_torch(transform, attentio
     with use_backend(backend, "cpu"):
         assert_transform_matches(transform, call(ours), _torch_math(call(theirs)),
                                  [x, memory, *[p.detach() for p in theirs.parameters()]])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_pytorch_module_and_op_samples(backend, use_backend):
+    """PyTorch's own sample inputs for nn.MultiheadAttention (ModuleInfo; eval mode, as dropout draws
+    differ) and F.scaled_dot_product_attention (OpInfo, the samples without dropout)."""
+    with use_backend(backend, "cpu"):
+        for sample in torch_module_samples(torch.nn.MultiheadAttention):
+            assert_module_matches_torch(MultiheadAttention, torch.nn.MultiheadAttention, sample, eval_mode=True)
+        for sample in torch_op_samples("nn.functional.scaled_dot_product_attention"):
+            if sample.kwargs.get("dropout_p", 0.0) == 0.0:
+                assert_function_matches_torch(scaled_dot_product_attention, F.scaled_dot_product_attention, sample)
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 import fastdl
 from fastdl.ops import LocalResponseNorm, local_response_norm
-from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_function_matches_torch, assert_module_matches_torch,
+                            assert_transform_matches, backend_device_cases, outputs_and_grads, torch_module_samples,
+                            torch_op_samples)
 
 CASES = backend_device_cases()
 
@@ -129,6 +131,16 @@ def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend)
     with use_backend(backend, "cpu"):
         assert_transform_matches(transform, lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0),
                                  lambda t: F.local_response_norm(t, 3, 0.5, 0.75, 1.0), [x], dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_pytorch_module_and_op_samples(backend, use_backend):
+    """PyTorch's own sample inputs for nn.LocalResponseNorm (ModuleInfo) and F.local_response_norm (OpInfo)."""
+    with use_backend(backend, "cpu"):
+        for sample in torch_module_samples(torch.nn.LocalResponseNorm):
+            assert_module_matches_torch(LocalResponseNorm, torch.nn.LocalResponseNorm, sample)
+        for sample in torch_op_samples("nn.functional.local_response_norm"):
+            assert_function_matches_torch(local_response_norm, F.local_response_norm, sample)
 
 
 def test_native_gradgradcheck_fp64(use_backend):

@@ -8,7 +8,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastdl
 from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
-from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_module_matches_torch, assert_transform_matches,
+                            backend_device_cases, outputs_and_grads, torch_module_error_samples, torch_module_samples)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -373,6 +374,24 @@ def test_gradgradcheck_fp64_packed(cls, backend, use_backend):
     states = _states(module, 3, seed=31)
     with use_backend(backend, "cpu"):
         assert torch.autograd.gradgradcheck(_packed_call(module, lengths), (x, *states))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell], ids=lambda c: c.__name__)
+def test_pytorch_module_samples(cls, backend, use_backend):
+    """PyTorch's own sample inputs for the module (its ModuleInfo): outputs and all gradients."""
+    with use_backend(backend, "cpu"):
+        for sample in torch_module_samples(TORCH_TWIN[cls]):
+            assert_module_matches_torch(cls, TORCH_TWIN[cls], sample)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell], ids=lambda c: c.__name__)
+def test_pytorch_module_error_samples(cls):
+    """PyTorch's own error inputs for the module: the exception type and message regex its tests expect."""
+    for error in torch_module_error_samples(TORCH_TWIN[cls]):
+        constructor, forward = error.module_error_input.constructor_input, error.module_error_input.forward_input
+        with pytest.raises(error.error_type, match=error.error_regex):
+            cls(*constructor.args, **constructor.kwargs).double()(*forward.args, **forward.kwargs)
 
 
 def _raised(call):
