@@ -292,3 +292,96 @@ def assert_function_matches_torch(ours: Callable, theirs: Callable, sample) -> N
         assert_close(a, e, name=f"output {index}")
     for index, (a, e) in enumerate(zip(actual_grads, expected_grads)):
         assert_close(a, e, name=f"gradient {index}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing (hypothesis): random valid and invalid calls, each run by torch and by every kernel
+# backend; where torch raises, fastdl must raise the same exception type, else match torch's numbers.
+
+FUZZ_DTYPES = {"native": (torch.float32, torch.float64), "triton": (torch.float32,),
+               "reference": (torch.float32, torch.float64)}
+
+
+def fuzz_backends(device: str = "cpu") -> list[tuple[str, torch.dtype]]:
+    """(backend, dtype) pairs to fuzz on ``device``: every available kernel backend in the dtypes it takes
+    there (Triton on CPU is its interpreter: fp32)."""
+    from ._backends import why_unavailable
+
+    return [(name, dtype) for name, dtypes in FUZZ_DTYPES.items() if why_unavailable(name, device) is None
+            for dtype in dtypes]
+
+
+def fuzz_test(property_test: Callable, strategies: dict, examples: int, *, long: bool = False) -> Callable:
+    """A pytest test running ``property_test`` on arguments drawn from ``strategies`` (hypothesis): the
+    fast profile (CI) runs ``examples`` derandomized examples, the same ones every run; ``long=True`` is the
+    long profile, marked ``slow`` (``FASTDL_SLOW_TESTS=1``): 25× as many fresh random examples. Failures
+    shrink to a minimal example, printed with the ``@reproduce_failure`` blob that replays it."""
+    import pytest
+    from hypothesis import HealthCheck, given, settings
+
+    profile = settings(max_examples=examples * (25 if long else 1), deadline=None, derandomize=not long,
+                       database=None, print_blob=True, report_multiple_bugs=False,
+                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    test = profile(given(**strategies)(property_test))
+    return pytest.mark.slow(test) if long else test
+
+
+def assert_like_torch(torch_call: Callable, our_call: Callable, compare: Callable) -> bool:
+    """Runs ``torch_call()``; if it raises, ``our_call()`` must raise an exception of that type (returns
+    False); else ``compare(our_call(), torch_result)`` (returns True)."""
+    try:
+        expected = torch_call()
+    except Exception as error:  # noqa: BLE001 (any exception torch raises is the one to match)
+        try:
+            our_call()
+        except Exception as ours:  # noqa: BLE001
+            if not isinstance(ours, type(error)):
+                raise AssertionError(f"torch raises {type(error).__name__} ({error}); fastdl raises "
+                                     f"{type(ours).__name__} ({ours})") from ours
+            return False
+        raise AssertionError(f"torch raises {type(error).__name__} ({error}); fastdl raises nothing") from None
+    compare(our_call(), expected)
+    return True
+
+
+FUZZ_LAYOUTS = ("contiguous", "channels_last", "transposed", "expanded", "sliced")
+
+
+def layout_leaf_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the leaf that :func:`with_layout` turns into an input of ``shape``."""
+    shape = tuple(shape)
+    if layout == "expanded" and shape:
+        return (1,) + shape[1:]
+    if layout == "sliced" and shape:
+        return shape[:-1] + (2 * shape[-1],)
+    return shape
+
+
+def with_layout(leaf: torch.Tensor, layout: str, shape: Sequence[int]) -> torch.Tensor:
+    """``leaf`` as an input of ``shape`` laid out as ``layout`` names (differentiably, so gradients reach
+    the leaf): contiguous; channels_last (4-D, else contiguous); transposed (the last two dims' strides
+    swapped, values unchanged); expanded (dim 0 broadcast: stride 0); sliced (every other element of the
+    last dim)."""
+    if layout == "channels_last" and leaf.dim() == 4:
+        return leaf.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed" and leaf.dim() >= 2:
+        return leaf.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "expanded" and leaf.dim() >= 1:
+        return leaf.expand(tuple(shape))
+    if layout == "sliced" and leaf.dim() >= 1:
+        return leaf[..., ::2]
+    return leaf
+
+
+def assert_same_results(actual, expected) -> None:
+    """Compares two ``outputs_and_grads`` results (``actual`` in any dtype, ``expected`` the fp64 oracle)."""
+    (outputs, grads), (expected_outputs, expected_grads) = actual, expected
+    assert len(outputs) == len(expected_outputs), f"{len(outputs)} outputs, torch gives {len(expected_outputs)}"
+    for index, (a, e) in enumerate(zip(outputs, expected_outputs)):
+        assert_close(a, e, name=f"output {index}")
+    for index, (a, e) in enumerate(zip(grads, expected_grads)):
+        # No gradient (an input the graph does not reach) and a zero one are the same derivative.
+        if a is None or e is None:
+            assert all(t is None or not t.count_nonzero() for t in (a, e)), f"gradient {index}: none where the other is nonzero"
+        else:
+            assert_close(a, e, name=f"gradient {index}")

@@ -3,13 +3,17 @@ F.conv1d(F.pad(x, (d·(k−1), 0)), w, b, dilation=d, groups=g) in fp64."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
 
 import fastdl
 from fastdl.ops import CausalConv1d, causal_conv1d, causal_conv1d_step
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import weight_norm
 
-from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, FUZZ_LAYOUTS, assert_close, assert_like_torch, assert_same_results,
+                            assert_transform_matches, backend_device_cases, fuzz_backends, fuzz_test, layout_leaf_shape,
+                            outputs_and_grads, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -293,7 +297,7 @@ def test_module_is_a_drop_in():
     [
         (lambda: causal_conv1d(torch.randn(3), torch.randn(2, 3, 2)), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 3, 2)), RuntimeError),
-        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=0), ValueError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=0), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=1.5), TypeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(3, 2, 2), groups=2), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), torch.randn(3)), RuntimeError),
@@ -315,3 +319,68 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 1–4), layouts, kernel sizes, dilations and
+# groups (the invalid ones included), with and without bias, on every backend against torch's
+# Conv1d(padding=d·(k−1)) + chomp (the TCN form, which accepts every length the causal conv does; a
+# sequence of length 0 gives an empty output, where torch's convolution refuses it); valid batched calls
+# are also streamed step by step.
+
+FUZZ_CALLS = dict(
+    rank=st.integers(1, 4), batch=st.integers(0, 3), groups=st.integers(0, 3), per_group=st.integers(1, 3),
+    outputs_per_group=st.integers(1, 3), length=st.integers(0, 9), kernel_size=st.integers(1, 4),
+    dilation=st.integers(0, 4), bias=st.sampled_from(["yes", "no", "wrong-shape"]),
+    channel_error=st.integers(-1, 1), layout=st.sampled_from(FUZZ_LAYOUTS), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_causal_conv(rank, batch, groups, per_group, outputs_per_group, length, kernel_size, dilation, bias,
+                      channel_error, layout, seed):
+    # torch's convolution skips its checks of dilation and groups for an empty batch; fastdl checks always.
+    assume(batch > 0 or (dilation > 0 and groups > 0))
+    g = torch.Generator().manual_seed(seed)
+    in_channels, out_channels = max(groups, 1) * per_group, max(groups, 1) * outputs_per_group
+    shape = [batch, in_channels + channel_error, length][3 - rank:] if rank <= 3 else [1, batch, in_channels, length]
+    leaves = [torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64, generator=g),
+              torch.randn(out_channels, per_group, kernel_size, dtype=torch.float64, generator=g)]
+    if bias != "no":
+        leaves.append(torch.randn(out_channels + (bias == "wrong-shape"), dtype=torch.float64, generator=g))
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def tcn(x, w, b=None):
+        return F.conv1d(x, w, b, padding=dilation * (kernel_size - 1), dilation=dilation, groups=groups)[..., :length]
+
+    def run(function):
+        return lambda x, *parameters: function(with_layout(x, layout, shape), *parameters, dilation=dilation, groups=groups)
+
+    def oracle(*tensors):
+        x = with_layout(tensors[0], layout, shape)
+        if length == 0 and rank in (2, 3):  # checked by torch first, then answered with an empty output
+            tcn(torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype), *tensors[1:])
+            return x.new_zeros(x.shape[:-2] + (out_channels, 0)) + 0 * sum(t.sum() for t in tensors)
+        return tcn(x, *tensors[1:])
+
+    for backend, dtype in fuzz_backends():
+        def ours():
+            with fastdl.backend(backend):
+                return outputs_and_grads(run(causal_conv1d), leaves, dtype=dtype)
+        valid = assert_like_torch(lambda: outputs_and_grads(oracle, leaves), ours, assert_same_results)
+        if valid and rank == 3 and batch > 0 and length > 0:
+            module = CausalConv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups,
+                                  bias=bias == "yes", dtype=dtype)
+            with torch.no_grad(), fastdl.backend(backend):
+                module.weight.copy_(leaves[1])
+                if bias == "yes":
+                    module.bias.copy_(leaves[2])
+                x = with_layout(leaves[0].detach(), layout, shape).to(dtype)
+                state, steps = module.init_state(batch), []
+                for t in range(length):
+                    y, state = module.step(x[:, :, t], state)
+                    steps.append(y)
+            assert_close(torch.stack(steps, dim=-1), tcn(*[t.detach() for t in leaves]), name="streamed steps")
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_causal_conv, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_causal_conv, FUZZ_CALLS, examples=25, long=True)

@@ -3,6 +3,7 @@ nn.Sequential(nn.Conv2d, nn.ReLU, nn.MaxPool2d) in fp64."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
@@ -11,7 +12,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import fastdl
 from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool, spectral_norm
-from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_same_results,
+                            assert_transform_matches, backend_device_cases, fuzz_backends, fuzz_test, layout_leaf_shape,
+                            outputs_and_grads, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -395,7 +398,7 @@ def test_fuse_keeps_hooks():
          RuntimeError, "pool_padding"),
         (lambda: conv_relu_pool2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), pool_kernel_size=3), RuntimeError, "too small"),
         (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), pool_kernel_size=2.5), TypeError, "pool_kernel_size"),
-        (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), stride=2, padding="same"), ValueError, "same"),
+        (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), stride=2, padding="same"), RuntimeError, "same"),
     ],
     ids=["rank2", "weight-rank3", "channels", "bias-shape", "dtype-mismatch", "stride0", "pool-padding", "too-small",
          "kernel-float", "same-strided"],
@@ -412,3 +415,55 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 2–5), layouts, every convolution and pooling
+# hyper-parameter (strings, zeros, padding past half the window, windows past the input: the invalid ones
+# included), on every backend against Conv2d → ReLU → MaxPool2d. Gradients are compared in fp64, where the
+# window maxima are the oracle's; in fp32 a near-tie may pick another element, as torch's fp32 may.
+
+FUZZ_CALLS = dict(
+    rank=st.integers(2, 5), batch=st.integers(0, 2), groups=st.integers(0, 2), per_group=st.integers(1, 3),
+    outputs_per_group=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 9),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.integers(0, 3),
+    padding=st.sampled_from([0, 1, 2, (1, 0), "same", "valid"]), dilation=st.integers(1, 2), bias=st.booleans(),
+    pool_kernel=st.integers(1, 3), pool_stride=st.sampled_from([None, 1, 2, 3]), pool_padding=st.integers(0, 2),
+    pool_dilation=st.integers(1, 2), ceil_mode=st.booleans(),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed", "expanded"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_conv_relu_pool(rank, batch, groups, per_group, outputs_per_group, height, width, kernel, stride, padding,
+                         dilation, bias, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode, layout,
+                         seed):
+    g = torch.Generator().manual_seed(seed)
+    in_channels, out_channels = max(groups, 1) * per_group, max(groups, 1) * outputs_per_group
+    shape = [batch, in_channels, height, width][4 - rank:] if rank <= 4 else [1, batch, in_channels, height, width]
+    leaves = [torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64, generator=g),
+              torch.randn(out_channels, per_group, *kernel, dtype=torch.float64, generator=g)]
+    if bias:
+        leaves.append(0.3 * torch.randn(out_channels, dtype=torch.float64, generator=g))
+    leaves = [t.requires_grad_() for t in leaves]
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    pool = (pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode)
+
+    def ours(x, w, b=None):
+        return conv_relu_pool2d(with_layout(x, layout, shape), w, b, **conv, pool_kernel_size=pool_kernel,
+                                pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode,
+                                pool_dilation=pool_dilation)
+
+    def oracle(x, w, b=None):
+        return F.max_pool2d(F.relu(F.conv2d(with_layout(x, layout, shape), w, b, **conv)), *pool)
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                results = outputs_and_grads(ours, leaves, dtype=dtype)
+            return results if dtype == torch.float64 else (results[0], ())
+
+        assert_like_torch(lambda: outputs_and_grads(oracle, leaves), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_conv_relu_pool, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_conv_relu_pool, FUZZ_CALLS, examples=25, long=True)

@@ -2,11 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
+
 import fastdl
 from fastdl.ops import LocalResponseNorm, local_response_norm
-from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_function_matches_torch, assert_module_matches_torch,
-                            assert_transform_matches, backend_device_cases, outputs_and_grads, torch_module_samples,
-                            torch_op_samples)
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, FUZZ_LAYOUTS, assert_close, assert_function_matches_torch,
+                            assert_like_torch, assert_module_matches_torch, assert_same_results, assert_transform_matches,
+                            backend_device_cases, fuzz_backends, fuzz_test, layout_leaf_shape, outputs_and_grads,
+                            torch_module_samples, torch_op_samples, with_layout)
 
 CASES = backend_device_cases()
 
@@ -204,3 +207,41 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 1–5, the invalid ones included), layouts,
+# windows (≤ 0, wider than the channels, non-int), absurd hyper-parameters and NaN/Inf, on every backend
+# against torch: the same exception type where torch raises, torch's numbers where it does not.
+
+FUZZ_CALLS = dict(
+    rank=st.integers(1, 5), dims=st.lists(st.integers(0, 5), min_size=5, max_size=5),
+    layout=st.sampled_from(FUZZ_LAYOUTS), size=st.one_of(st.integers(-1, 9), st.just(2.5)),
+    alpha=st.sampled_from([1e-4, 0.5, 3.0, 1e12]), beta=st.sampled_from([0.0, 0.75, 1.3, -0.5]),
+    k=st.sampled_from([0.5, 1.0, 2.0]), special=st.sampled_from([None, "nan", "inf"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_local_response_norm(rank, dims, layout, size, alpha, beta, k, special, seed):
+    shape = dims[:rank]
+    leaf = torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+    if special and leaf.numel():
+        leaf.view(-1)[seed % leaf.numel()] = float(special)
+    leaf.requires_grad_()
+
+    def ours(t):
+        return local_response_norm(with_layout(t, layout, shape), size, alpha, beta, k)
+
+    def oracle(t):  # contiguous: torch's own fails on non-contiguous 5-D input (a .view in its code)
+        return F.local_response_norm(with_layout(t, layout, shape).contiguous(), size, alpha, beta, k)
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                return outputs_and_grads(ours, [leaf], dtype=dtype)
+        assert_like_torch(lambda: outputs_and_grads(oracle, [leaf]), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_local_response_norm, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_local_response_norm, FUZZ_CALLS, examples=25, long=True)

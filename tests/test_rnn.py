@@ -3,13 +3,15 @@ copied weights, fp64 oracle: outputs, final states and the gradients of input, i
 parameter."""
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastdl
 from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
-from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_module_matches_torch, assert_transform_matches,
-                            backend_device_cases, outputs_and_grads, torch_module_error_samples, torch_module_samples)
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_module_matches_torch,
+                            assert_same_results, assert_transform_matches, backend_device_cases, fuzz_backends,
+                            fuzz_test, outputs_and_grads, torch_module_error_samples, torch_module_samples, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -460,3 +462,84 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random configurations (layers, directions, projections, bias, batch_first; invalid
+# projection sizes included), inputs batched, unbatched, packed with random lengths or of a wrong rank,
+# sequence lengths 0–4, states absent, given, of a wrong shape or dtype, non-contiguous inputs; on every
+# backend against torch's module with the same weights: outputs and gradients of input, states and weights.
+
+FUZZ_CALLS = dict(
+    kind=st.sampled_from(["LSTM", "GRU", "LSTMCell", "GRUCell"]), input_size=st.integers(1, 3),
+    hidden_size=st.integers(1, 4), num_layers=st.integers(1, 2), bidirectional=st.booleans(), bias=st.booleans(),
+    batch_first=st.booleans(), proj_size=st.integers(0, 4), form=st.sampled_from(["batched", "unbatched", "packed",
+                                                                                    "rank-4"]),
+    length=st.integers(0, 4), batch=st.integers(1, 3), states=st.sampled_from(["none", "given", "wrong-shape",
+                                                                              "wrong-dtype"]),
+    layout=st.sampled_from(["contiguous", "transposed"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_rnn(kind, input_size, hidden_size, num_layers, bidirectional, bias, batch_first, proj_size, form, length,
+              batch, states, layout, seed):
+    cell = kind.endswith("Cell")
+    kwargs = dict(input_size=input_size, hidden_size=hidden_size, bias=bias)
+    if not cell:
+        kwargs.update(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    if kind == "LSTM":
+        kwargs["proj_size"] = proj_size
+    ours_class = {"LSTM": LSTM, "GRU": GRU, "LSTMCell": LSTMCell, "GRUCell": GRUCell}[kind]
+    try:
+        theirs, ours = _twins(ours_class, seed=seed % 1000, **kwargs)
+    except ValueError:  # torch's constructor refused the configuration; ours is that same constructor
+        return
+    g = torch.Generator().manual_seed(seed)
+    if cell:
+        shape = {"batched": (batch, input_size), "unbatched": (input_size,)}.get(form, (1, batch, input_size))
+    else:
+        time_major = (length, batch) if not batch_first else (batch, length)
+        shape = {"batched": (*time_major, input_size), "unbatched": (length, input_size),
+                 "packed": (length, batch, input_size)}.get(form, (1, length, batch, input_size))
+    leaves = [torch.randn(shape, dtype=torch.float64, generator=g)]
+    lengths = torch.randint(1, max(length, 1) + 1, (batch,), generator=g)
+    lengths[0] = length
+    state_count = 2 if kind in ("LSTM", "LSTMCell") else 1
+    if states != "none":
+        directions = 2 if bidirectional and not cell else 1
+        state_batch = () if form == "unbatched" else (batch,)
+        for index in range(state_count):
+            size = proj_size if kind == "LSTM" and proj_size and index == 0 else hidden_size
+            state_shape = ((num_layers * directions,) if not cell else ()) + state_batch + (size,)
+            if states == "wrong-shape" and index == state_count - 1:
+                state_shape = state_shape[:-1] + (size + 1,)
+            leaves.append(torch.randn(state_shape, dtype=torch.float64, generator=g))
+    names = [name for name, _ in theirs.named_parameters()]
+    count = len(leaves)
+    leaves += [p.detach().clone() for p in theirs.parameters()]
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def call(module):
+        def run(*tensors):
+            x = with_layout(tensors[0], layout, shape)
+            hx = tensors[1:count]
+            if states == "wrong-dtype":
+                hx = tuple(t.float() if t.dtype == torch.float64 else t.double() for t in hx)
+            hx = None if not hx else (tuple(hx) if state_count == 2 else hx[0])
+            if form == "packed":
+                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            output = functional_call(module, dict(zip(names, tensors[count:])), (x, hx))
+            flat = output if isinstance(output, tuple) else (output,)
+            flat = [part.data if hasattr(part, "batch_sizes") else part for part in flat]
+            return tuple(t for part in flat for t in (part if isinstance(part, tuple) else (part,)))
+        return run
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                return outputs_and_grads(call(ours.to(dtype)), leaves, dtype=dtype)
+        assert_like_torch(lambda: outputs_and_grads(call(theirs), leaves), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_rnn, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_rnn, FUZZ_CALLS, examples=25, long=True)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
@@ -12,7 +13,8 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fastdl
 from fastdl.ops import spectral_norm, spectral_normalize
-from fastdl.testing import AUTOGRAD_TRANSFORMS, assert_close, assert_transform_matches, backend_device_cases
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_transform_matches,
+                            backend_device_cases, fuzz_backends, fuzz_test)
 
 CPU_CASES = [c for c in backend_device_cases() if c.values[1] == "cpu"]
 CASES = backend_device_cases()
@@ -454,3 +456,73 @@ def test_eager_shortcut_leaves_fake_tensors_and_dispatch_modes_to_the_custom_op(
             weight, u, v = torch.randn(5, 6), torch.randn(5), torch.randn(6)
             weight_sn, new_u, new_v = spectral_normalize(weight, u, v)
         assert isinstance(weight_sn, FakeTensor) and weight_sn.shape == (5, 6) and new_v.shape == (6,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random module types and sizes (1s and odd sizes), dims (out of range included),
+# iteration counts (≤ 0 included), eps, NaN weights, on every backend against torch's parametrization:
+# training steps (forward and backward, the power iteration updating u and v) then an eval step.
+
+FUZZ_MODULES = {
+    "linear": lambda a, b, k: nn.Linear(a, b),
+    "conv1d": lambda a, b, k: nn.Conv1d(a, b, k),
+    "conv2d": lambda a, b, k: nn.Conv2d(a, b, k),
+    "conv_transpose2d": lambda a, b, k: nn.ConvTranspose2d(a, b, k),
+    "embedding": lambda a, b, k: nn.Embedding(a, b),
+}
+FUZZ_CALLS = dict(
+    kind=st.sampled_from(list(FUZZ_MODULES)), first=st.integers(1, 6), second=st.integers(1, 6),
+    kernel=st.integers(1, 3), dim=st.one_of(st.none(), st.integers(-4, 4)), n_power_iterations=st.integers(-1, 3),
+    eps=st.sampled_from([1e-12, 1e-3, 0.5]), steps=st.integers(1, 2), nan_weight=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_spectral_norm(kind, first, second, kernel, dim, n_power_iterations, eps, steps, nan_weight, seed):
+    def build(apply, dtype):
+        torch.manual_seed(seed)  # the same weights and the same random start of u and v
+        module = FUZZ_MODULES[kind](first, second, kernel).double()
+        if nan_weight:
+            with torch.no_grad():
+                module.weight.view(-1)[seed % module.weight.numel()] = float("nan")
+        return apply(module, n_power_iterations=n_power_iterations, eps=eps, dim=dim).to(dtype)
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, first, (2, 3), generator=g) if kind == "embedding"
+         else torch.randn(2, first, *(kernel + 2,) * (1 if kind == "conv1d" else 2 if "2d" in kind else 0),
+                          dtype=torch.float64, generator=g))
+
+    def trajectory(module):
+        """Per step: the output, every parameter gradient and u, v; eval mode last."""
+        results = []
+        for step in range(steps + 1):
+            module.train(step < steps)
+            inputs = x if kind == "embedding" else x.to(module.weight.dtype)
+            out = module(inputs)
+            grads = torch.autograd.grad(out.sum(), list(module.parameters()))
+            state = module.parametrizations.weight[0]
+            results.append((out.detach(), *grads, state._u.clone(), state._v.clone()))
+        return results
+
+    def compare(actual, expected):
+        for step, (a_step, e_step) in enumerate(zip(actual, expected)):
+            # fp32: a gradient that cancels to 0 (a 1×1 weight's) keeps the rounding of its terms, so the
+            # tolerance follows the step's largest result rather than each tensor's.
+            scale = max([1.0] + [e.abs().max().item() for e in e_step if e.numel() and e.isfinite().all()])
+            for index, (a, e) in enumerate(zip(a_step, e_step)):
+                if a.dtype == torch.float64:
+                    assert_close(a, e, name=f"step {step}, result {index}")
+                else:
+                    torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * scale, equal_nan=True,
+                                               msg=lambda m: f"step {step}, result {index}: {m}")
+
+    for backend, dtype in fuzz_backends():
+        def ours():
+            module = build(spectral_norm, dtype)  # built in fp64, then cast: outside the backend's scope
+            with fastdl.backend(backend):
+                return trajectory(module)
+        assert_like_torch(lambda: trajectory(build(torch_spectral_norm, torch.float64)), ours, compare)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_spectral_norm, FUZZ_CALLS, examples=10)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_spectral_norm, FUZZ_CALLS, examples=10, long=True)

@@ -50,6 +50,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention._utils import _validate_sdpa_input
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .._autograd import composite_required, differentiable_backward_required
@@ -239,10 +240,12 @@ _BACKWARD = standard_kernels("fastdl.scaled_dot_product_attention (backward)", _
 
 def _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     out = _output_like(query, value)
-    if query.numel() == 0 or value.shape[-1] == 0:
-        return out.zero_(), _lse_like(query).fill_(float("inf"))
-    kernel = _FORWARD.select(query.device, query.dtype, query, key, value)
-    return out, kernel.run(query, key, value, attn_mask, dropout_p, is_causal, scale, _seed_value(seed), out)
+    if out.numel() == 0:
+        return out, _lse_like(query).fill_(float("inf"))
+    # Without a head dim every score is the mask alone (a softmax of it, not nothing): the reference,
+    # since the kernels tile the head dim.
+    run = _FORWARD.select(query.device, query.dtype, query, key, value).run if query.shape[-1] else _reference_forward
+    return out, run(query, key, value, attn_mask, dropout_p, is_causal, scale, _seed_value(seed), out)
 
 
 @torch.library.custom_op("fastdl::attention_forward", mutates_args=())
@@ -266,11 +269,11 @@ def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, at
                  out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor],
                  mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of query, key, value and (when ``mask_grad``, else an empty tensor) of the mask."""
-    if query.numel() == 0 or key.numel() == 0 or value.shape[-1] == 0:
+    if grad_out.numel() == 0 or key.shape[2] == 0:
         grad_mask = query.new_zeros(query.shape[:3] + key.shape[2:3]) if mask_grad else query.new_empty(0)
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), grad_mask
-    kernel = _BACKWARD.select(query.device, query.dtype, query, key, value)
-    return kernel.run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
+    run = _BACKWARD.select(query.device, query.dtype, query, key, value).run if query.shape[-1] else _reference_backward
+    return run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
                       mask_grad)
 
 
@@ -439,10 +442,14 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> No
             )
         if is_causal:
             raise RuntimeError("scaled_dot_product_attention: attn_mask must be None when is_causal=True")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    if enable_gqa and (query.dim() < 3 or key.dim() < 3 or key.shape[-3] != value.shape[-3]
-                       or query.shape[-3] % key.shape[-3] != 0):
+    if dropout_p > 1.0:  # a negative p is no dropout, as in torch
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if not enable_gqa or query.numel() == 0:  # torch answers an empty query before looking at its heads
+        return
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        rank = min(query.dim(), key.dim(), value.dim())
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{rank}, {rank - 1}], but got -3)")
+    if key.shape[-3] != value.shape[-3] or query.shape[-3] % key.shape[-3] != 0:
         raise RuntimeError(
             "scaled_dot_product_attention: with enable_gqa, key and value must have the same number of heads "
             f"(dim -3) and it must divide the query's; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
@@ -506,7 +513,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     backward reads the unrounded output.
     """
     if isinstance(attn_mask, CausalBias):
-        attn_mask, is_causal = _causal_bias_mask(attn_mask, is_causal, query.device)
+        attn_mask, is_causal = _causal_bias_mask(attn_mask, query, key, value, dropout_p, is_causal, scale)
     _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     rank = max(query.dim(), key.dim(), value.dim())
     q4, k4, v4, mask4, shape = _canonical(query, key, value, attn_mask, enable_gqa)
@@ -522,16 +529,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out.to(query.dtype).reshape(shape[3 - rank:] if rank < 3 else shape)
 
 
-def _causal_bias_mask(bias: CausalBias, is_causal: bool, device: torch.device) -> tuple[Tensor | None, bool]:
+def _causal_bias_mask(bias: CausalBias, query, key, value, dropout_p, is_causal, scale) -> tuple[Tensor | None, bool]:
     """(attn_mask, is_causal) for a ``torch.nn.attention.bias.CausalBias`` mask, as torch reads it: the
     upper-left variant (or equal lengths) is the kernels' causal mode; lower-right with Nq ≠ Nk, whose
-    diagonal is shifted by Nk − Nq, is its boolean mask."""
+    diagonal is shifted by Nk − Nq, is its boolean mask (after torch's own checks of that path, whose
+    exception types differ from the functional's)."""
     if is_causal:
         raise ValueError("CausalBias should not be used with causal=True")
     if bias.seq_len_q == bias.seq_len_kv or bias.variant == CausalVariant.UPPER_LEFT:
         return None, True
     if bias.variant == CausalVariant.LOWER_RIGHT:
-        return bias._materialize(device), False
+        _validate_sdpa_input(query, key, value, None, dropout_p, is_causal, scale)
+        return bias._materialize(query.device), False
     raise ValueError(f"CausalBias.variant must be a CausalVariant type, but found: {bias.variant}")
 
 
@@ -594,6 +603,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise AssertionError(f"key's sequence and batch dims {key_shape[:2]} do not match value's {value_shape[:2]}")
         if self._qkv_same_embed_dim and key_shape != value_shape:
             raise AssertionError(f"key shape {key_shape} does not match value shape {value_shape}")
+        if not self._qkv_same_embed_dim:
+            for name, weight, input in (("query", self.q_proj_weight, query), ("key", self.k_proj_weight, key),
+                                        ("value", self.v_proj_weight, value)):
+                if weight.shape != (embed, input.shape[-1]):
+                    raise AssertionError(f"expecting {name} weights shape of {(embed, input.shape[-1])}, but got "
+                                         f"{weight.shape}")
         if attn_mask is not None:
             expected = (target_len, source_len) if attn_mask.dim() == 2 else (batch * heads, target_len, source_len)
             if tuple(attn_mask.shape) != expected:
@@ -623,6 +638,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
             source_len = k.shape[seq_dim]
             if key_padding_mask is not None:
+                F._check_key_padding_mask(key_padding_mask, source_len, batch)
                 padding = key_padding_mask.view(batch, 1, 1, source_len)
                 attn_mask = padding if attn_mask is None else attn_mask + padding
             # → (B, H, L, Dh): strided views, which the kernels read in place.
@@ -664,6 +680,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         qkv = projection.permute((0, 2, 3, 1, 4) if batch_major else (1, 2, 3, 0, 4))  # (B, 3, H, L, Dh)
         batch, length = qkv.shape[0], qkv.shape[3]
         if key_padding_mask is not None:
+            F._check_key_padding_mask(key_padding_mask, length, batch)
             padding = key_padding_mask.view(batch, 1, 1, length)
             attn_mask = padding if attn_mask is None else attn_mask + padding
         if attn_mask is not None:

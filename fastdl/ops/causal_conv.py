@@ -228,8 +228,8 @@ def _step_eager_native(input: Tensor, state: CausalConvState, weight: Tensor, bi
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"causal_conv1d: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"causal_conv1d: {name} must be >= {minimum}, got {value}")
+    if value < minimum:  # RuntimeError, as F.conv1d's for a non-positive dilation or groups
+        raise RuntimeError(f"causal_conv1d: {name} must be >= {minimum}, got {value}")
 
 
 def _check_weight_and_bias(weight: Tensor, bias: Tensor | None, dilation: int, groups: int) -> None:

@@ -268,9 +268,9 @@ def _resolve_padding(input: Tensor, weight: Tensor, padding, stride, dilation) -
     if padding == "valid":
         return input, (0, 0)
     if padding != "same":
-        raise ValueError(f"conv_relu_pool2d: padding must be 'valid', 'same' or ints, got {padding!r}")
-    if stride != (1, 1):
-        raise ValueError("conv_relu_pool2d: padding='same' is not supported for strided convolutions")
+        raise RuntimeError(f"conv_relu_pool2d: padding must be 'valid', 'same' or ints, got {padding!r}")
+    if stride != (1, 1):  # RuntimeError, as F.conv2d's (nn.Conv2d's constructor raises ValueError)
+        raise RuntimeError("conv_relu_pool2d: padding='same' is not supported for strided convolutions")
     totals = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
     if totals[0] % 2 or totals[1] % 2:
         input = F.pad(input, (0, totals[1] % 2, 0, totals[0] % 2))

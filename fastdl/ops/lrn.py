@@ -51,6 +51,8 @@ def _reference_forward(input: Tensor, size: int, alpha: float, beta: float, k: f
 def _reference_backward(grad: Tensor, input: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     scale = k + alpha / size * _channel_window_sum(input * input, size // 2, (size - 1) // 2)
     scale_pow = scale.pow(-beta)
+    if beta == 0:  # the window term is exactly 0, as torch's pow backward for a zero exponent (0 · NaN is not)
+        return grad * scale_pow
     mirrored = _channel_window_sum(grad * input * scale_pow / scale, (size - 1) // 2, size // 2)
     return grad * scale_pow - (2 * alpha * beta / size) * input * mirrored
 
@@ -111,6 +113,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     (input,) = ctx.saved_tensors
+    if input.numel() == 0:  # nothing to differentiate (and the window size was never checked)
+        return torch.empty_like(input, memory_format=preserved_format(input)), None, None, None, None
     if differentiable_backward_required():  # the reference formula is plain PyTorch in (g, x): differentiable
         return _reference_backward(grad_output, input, *ctx.hyperparameters), None, None, None, None
     grad_input = _backward_op(grad_output, input, *ctx.hyperparameters)
@@ -120,8 +124,9 @@ def _backward(ctx, grad_output: Tensor):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(input: Tensor, size: int, grad_output: Tensor | None = None) -> None:
-    # The exception types are the ones torch raises for the same mistakes.
+def _check(input: Tensor, size: int) -> None:
+    # The exception types are the ones torch raises for the same mistakes, in its order: an empty input is
+    # returned before the window size is looked at.
     if not isinstance(input, Tensor):
         raise TypeError(f"local_response_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 3:
@@ -129,6 +134,8 @@ def _check(input: Tensor, size: int, grad_output: Tensor | None = None) -> None:
             f"local_response_norm: expected an input of 3 or more dimensions (N, C, *), got {input.dim()} "
             f"dimensions of shape {tuple(input.shape)}"
         )
+    if input.numel() == 0:  # returned as it is (below)
+        return
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"local_response_norm: size must be an int, got {type(size).__name__}")
     if size < 1:
@@ -147,6 +154,8 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     ``fastdl/_autograd.py``).
     """
     _check(input, size)
+    if input.numel() == 0:
+        return input  # as F.local_response_norm does
     if composite_required():
         return _reference_forward(input, size, float(alpha), float(beta), float(k))
     return _forward_op(input, size, float(alpha), float(beta), float(k))
