@@ -131,11 +131,14 @@ def _output_like(query: Tensor, value: Tensor) -> Tensor:
     round it for the caller) — laid out as the query is among (batch, head, row), as torch does: a
     contiguous query gives a contiguous output, and MultiheadAttention's query, a view of its (B, N, H·D)
     or (N, B, H·D) projection, gives an output it reads as (B, N, E) or (N, B, E) for free."""
-    # Outermost first; dims of size 1 or stride 0 (broadcast) do not order anything, so they go outside.
-    order = sorted(range(3), key=lambda d: -query.stride(d) if query.shape[d] > 1 and query.stride(d) else -math.inf)
-    out = query.new_empty([query.shape[d] for d in order] + [value.shape[-1]],
-                          dtype=_accumulation_dtype(query.dtype))
-    return out.permute(*(order.index(d) for d in range(3)), 3)
+    batch, heads, nq, _ = query.shape
+    stride_batch, stride_head, stride_row = query.stride()[:3]
+    shape, dtype = (batch, heads, nq, value.shape[-1]), _accumulation_dtype(query.dtype)
+    if stride_row > stride_head and stride_row > stride_batch:  # rows outermost: (N, B, H, D)
+        return query.new_empty(nq, batch, heads, shape[3], dtype=dtype).permute(1, 2, 0, 3)
+    if stride_row > stride_head:  # (B, N, H, D)
+        return query.new_empty(batch, nq, heads, shape[3], dtype=dtype).transpose(1, 2)
+    return query.new_empty(shape, dtype=dtype)
 
 
 def _lse_like(query: Tensor) -> Tensor:

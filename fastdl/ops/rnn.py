@@ -476,20 +476,21 @@ _gru_layer_op.register_autograd(_gru_layer_backward, setup_context=_gru_layer_se
 
 
 # ------------------------------------------------------------------------------------------ functionals
-def _batched_step_operands(name: str, input: Tensor, states: dict[str, Tensor]) -> tuple[bool, Tensor, list[Tensor]]:
+def _batched_step_operands(name: str, input: Tensor, states: tuple[Tensor, ...],
+                           labels: tuple[str, ...]) -> tuple[bool, Tensor, tuple[Tensor, ...]]:
     """(batched, input, states) with unbatched operands given their batch dim of 1, after the rank checks
-    torch's cell modules make (nn.LSTMCell / nn.GRUCell: ``name`` and the states' labels in its words)."""
+    torch's cell modules make (nn.LSTMCell / nn.GRUCell: ``name`` and the states' ``labels`` in its words)."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for label, state in states.items():
+    for label, state in zip(labels, states):
         if state.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
     if input.dim() == 2:
-        return True, input, list(states.values())
-    return False, input.unsqueeze(0), [state.unsqueeze(0) for state in states.values()]
+        return True, input, states
+    return False, input.unsqueeze(0), tuple(state.unsqueeze(0) for state in states)
 
 
-def _check_cell(input: Tensor, states: list[Tensor], w_ih: Tensor, w_hh: Tensor, gates: int) -> None:
+def _check_cell(input: Tensor, states: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, gates: int) -> None:
     """ATen's checks of an RNN cell step, in its words (torch.lstm_cell / torch.gru_cell), on batched operands."""
     hidden = w_hh.shape[1]
     if w_ih.shape[0] != gates * hidden or w_hh.shape[0] != gates * hidden:
@@ -507,8 +508,8 @@ def _check_cell(input: Tensor, states: list[Tensor], w_ih: Tensor, w_hh: Tensor,
 
 def _lstm_step(name: str, input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
                b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    batched, input, (h, c) = _batched_step_operands(name, input, {"hx[0]": hx[0], "hx[1]": hx[1]})
-    _check_cell(input, [h, c], w_ih, w_hh, 4)
+    batched, input, (h, c) = _batched_step_operands(name, input, (hx[0], hx[1]), ("hx[0]", "hx[1]"))
+    _check_cell(input, (h, c), w_ih, w_hh, 4)
     gates = _lstm_gates_reference if composite_required() else _lstm_gates_op  # fastdl/_autograd.py
     hy, cy, _ = gates(F.linear(input, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)
     return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))
@@ -516,8 +517,8 @@ def _lstm_step(name: str, input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor
 
 def _gru_step(name: str, input: Tensor, hx: Tensor, label: str, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor]) -> Tensor:
-    batched, input, (h,) = _batched_step_operands(name, input, {label: hx})
-    _check_cell(input, [h], w_ih, w_hh, 3)
+    batched, input, (h,) = _batched_step_operands(name, input, (hx,), (label,))
+    _check_cell(input, (h,), w_ih, w_hh, 3)
     gates = _gru_gates_reference if composite_required() else _gru_gates_op
     hy, _ = gates(F.linear(input, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)
     return hy if batched else hy.squeeze(0)
