@@ -231,6 +231,25 @@ def test_native_gradgradcheck_fp64(use_backend):
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
+def test_step_carries_forward_mode_tangents(backend, use_backend):
+    """The step under torch.autograd.forward_ad: the tangent of each output step is the causal conv of the
+    input's tangent (the op is linear in its input), never a silently dropped zero."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(14)
+    module = CausalConv1d(3, 4, 2, dilation=2)
+    x, tangent = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    with use_backend(backend, "cpu"), torch.no_grad(), forward_ad.dual_level():
+        state, tangents = module.init_state(2), []
+        for t in range(6):
+            y, state = module.step(forward_ad.make_dual(x[:, :, t], tangent[:, :, t]), state)
+            tangents.append(forward_ad.unpack_dual(y).tangent)
+    assert all(t is not None for t in tangents)
+    expected = oracle(tangent, module.weight, None, 2, 1)
+    torch.testing.assert_close(torch.stack(tangents, dim=-1), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
 def test_step_under_weight_norm(backend, use_backend):
     """WaveNet/TCN code puts weight norm on every conv: step reads the parametrized weight."""
     torch.manual_seed(13)

@@ -210,7 +210,7 @@ def _eager_native_step(input) -> bool:
     their tensors are subclasses, or dynamo is compiling), CUDA and the other backends go through
     ``fastdl::causal_conv1d_step``. The kernel is the same either way.
     """
-    if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling():
+    if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling() or composite_required():
         return False
     return _STEP.native_on_cpu(input.dtype)
 
@@ -303,8 +303,8 @@ def causal_conv1d_step(input: Tensor, state: CausalConvState, weight: Tensor, bi
                        dilation: int = 1, groups: int = 1) -> tuple[Tensor, CausalConvState]:
     """One streaming step: ``input`` (N, C_in) is x at step ``state.position``; returns y at that step,
     (N, C_out), and the state for the next step (its buffer is ``state.buffer``, updated in place).
-    Running it over t = 0 … T−1 gives ``causal_conv1d`` of the whole sequence, column by column. Not
-    differentiable (it is meant for generation)."""
+    Running it over t = 0 … T−1 gives ``causal_conv1d`` of the whole sequence, column by column. Meant for
+    generation: reverse-mode autograd does not record it, forward-mode AD carries tangents through it."""
     _check_weight_and_bias(weight, bias, dilation, groups)
     if not isinstance(input, Tensor) or input.dim() != 2:
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -322,7 +322,10 @@ def causal_conv1d_step(input: Tensor, state: CausalConvState, weight: Tensor, bi
                            f"{input.dtype} on {input.device}")
     if _eager_native_step(input):
         return _step_eager_native(input, state, weight, bias, dilation, groups)
-    output = _step_op(input.contiguous(), buffer, position, weight, bias, dilation, groups)
+    # Under forward-mode AD and torch.func transforms the step is plain PyTorch (fastdl/_autograd.py), so
+    # tangents reach its output.
+    step = _reference_step if composite_required() else _step_op
+    output = step(input.contiguous(), buffer, position, weight, bias, dilation, groups)
     return output, CausalConvState(buffer, position + 1)
 
 
