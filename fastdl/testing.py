@@ -107,7 +107,8 @@ def backend_device_cases(cpu_dtypes=(torch.float32, torch.float64),
 # Autograd beyond first-order reverse mode: the same transform applied to a fastdl function and to its
 # PyTorch oracle must give the same numbers.
 
-AUTOGRAD_TRANSFORMS = ("grad", "vjp", "vmap_grad", "jacrev", "jvp", "jacfwd", "forward_ad", "double_backward")
+AUTOGRAD_TRANSFORMS = ("grad", "vjp", "vmap_grad", "jacrev", "jvp", "jacfwd", "forward_ad", "double_backward",
+                       "batched_backward")
 
 
 def _as_tuple(outputs) -> tuple:
@@ -126,7 +127,9 @@ def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], 
     vmap cannot run: torch's fp64 ``nn.LSTM``);
     ``forward_ad`` uses ``torch.autograd.forward_ad`` dual tensors (a missing tangent counts as zero, so a
     silently dropped tangent fails the comparison); ``double_backward`` is the gradient of
-    ⟨∂L/∂inputs, w⟩ for a fixed w, through ``create_graph=True``."""
+    ⟨∂L/∂inputs, w⟩ for a fixed w, through ``create_graph=True``; ``batched_backward`` is
+    ``torch.autograd.grad(..., is_grads_batched=True)`` for two cotangents at once (a vmap over the
+    backward: what ``torch.autograd.functional.jacobian(vectorize=True)`` does)."""
     import torch.func as func
     from torch.autograd import forward_ad
 
@@ -175,6 +178,11 @@ def autograd_transform(name: str, fn: Callable, inputs: Sequence[torch.Tensor], 
             return tuple(torch.zeros_like(t) for t in inputs)
         second = torch.autograd.grad(inner, leaves, allow_unused=True)
         return tuple(torch.zeros_like(t) if s is None else s for s, t in zip(second, inputs))
+    if name == "batched_backward":
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        batched = [torch.stack([c, randn_like(c)]) for c in cotangents]
+        grads = torch.autograd.grad(_as_tuple(fn(*leaves)), leaves, batched, is_grads_batched=True, allow_unused=True)
+        return tuple(torch.zeros((2, *t.shape), dtype=t.dtype) if g is None else g for g, t in zip(grads, inputs))
     raise ValueError(f"unknown autograd transform {name!r}; expected one of {', '.join(AUTOGRAD_TRANSFORMS)}")
 
 

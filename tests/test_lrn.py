@@ -68,7 +68,7 @@ def _matrix():
             yield pytest.param(*case.values, *shape, marks=marks, id=f"{case.id}-{str(shape).replace(' ', '')}")
 
 
-@pytest.mark.parametrize("backend,device,dtype,shape,size,alpha,beta,k", _matrix())
+@pytest.mark.parametrize("backend,device,dtype,shape,size,alpha,beta,k", list(_matrix()))
 def test_matches_torch(backend, device, dtype, shape, size, alpha, beta, k, use_backend):
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     _check_against_oracle(backend, device, dtype, x, size, alpha, beta, k, use_backend)

@@ -22,7 +22,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/Exceptions.h>
@@ -509,11 +508,12 @@ at::Tensor differentiable_weight_gradient(const at::Tensor& grad_output, const a
 }
 
 // Whether backward must be differentiable ATen ops: autograd records it (create_graph turns grad mode on),
-// a functorch transform runs over it, or a tangent rides on its operands (forward-mode AD).
+// a transform runs over it (the gradient is then a batched wrapper with no storage of its own: a vmap over
+// the backward, as is_grads_batched does), or a tangent rides on its operands (forward-mode AD). Transforms
+// around the forward never reach this node: the step declines them (fastdl/ops/spectral_norm.py).
 bool differentiable_backward_required(const at::Tensor& grad_output, const at::Tensor& weight) {
-  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  return at::GradMode::is_enabled() || included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         grad_output._fw_grad(/*level=*/0).defined() || weight._fw_grad(/*level=*/0).defined();
+  return at::GradMode::is_enabled() || !grad_output.has_storage() || grad_output._fw_grad(/*level=*/0).defined() ||
+         weight._fw_grad(/*level=*/0).defined();
 }
 
 // W / σ with its autograd node. What ∂L/∂W reads is saved: W (the parameter, alive anyway) and the
