@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpu_isa
+from ._autograd import composite_required, differentiable_backward_required
 
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: torch.compile may not trace the call
 
@@ -88,6 +89,11 @@ def _linear_setup_context(ctx, inputs, output) -> None:
 def _linear_backward(ctx, grad_out: Tensor):
     input, weight = ctx.saved_tensors
     wants_input, wants_weight, wants_bias = ctx.needs_input_grad
+    if differentiable_backward_required():  # F.linear's gradient in differentiable PyTorch (fastdl/_autograd.py)
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        return (grad_out.matmul(weight) if wants_input else None,
+                grad.t().mm(input.reshape(-1, input.shape[-1])) if wants_weight else None,
+                grad.sum(0) if wants_bias and ctx.has_bias else None)
     grad_input, grad_weight, grad_bias = _linear_backward_op(
         grad_out, input, weight, wants_input, wants_weight, wants_bias and ctx.has_bias)
     return (grad_input if wants_input else None, grad_weight if wants_weight else None,
@@ -98,7 +104,8 @@ _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_conte
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """F.linear(input, weight, bias), on oneDNN for fp32 CPU tensors (module docstring)."""
-    if _onednn_usable(input, weight):
+    """F.linear(input, weight, bias), on oneDNN for fp32 CPU tensors (module docstring); ``F.linear`` itself
+    under ``torch.func`` transforms and forward-mode AD (fastdl/_autograd.py)."""
+    if _onednn_usable(input, weight) and not composite_required():
         return _linear_op(input, weight, bias)
     return F.linear(input, weight, bias)

@@ -3,10 +3,16 @@ F.conv1d(F.pad(x, (d·(k−1), 0)), w, b, dilation=d, groups=g) in fp64."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.utils.parametrizations import weight_norm
+from hypothesis import assume
+from hypothesis import strategies as st
 
 import fastdl
 from fastdl.ops import CausalConv1d, causal_conv1d, causal_conv1d_step
-from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, FUZZ_LAYOUTS, assert_close, assert_like_torch, assert_same_results,
+                            assert_transform_matches, backend_device_cases, cpu_isa_cases, fuzz_backends, fuzz_test,
+                            layout_leaf_shape, outputs_and_grads, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -207,6 +213,59 @@ def test_native_gradcheck_fp64(isa, use_backend):
             assert torch.autograd.gradcheck(lambda *t: causal_conv1d(*t, dilation, groups), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms (over functional_call of the module), forward-mode AD and double backward give
+    the numbers of the same transform over torch's padded Conv1d."""
+    module = CausalConv1d(4, 6, 3, dilation=2, groups=2).to(dtype)
+    x, w, b = _operands(2, 4, 6, 5, 3, 2, seed=11)
+    ours = lambda x, w, b: functional_call(module, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, lambda x, w, b: oracle(x, w, b, 2, 2), [x, w, b], dtype=dtype)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    x, w, b = _operands(2, 4, 4, 6, 3, 2, seed=12)
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda *t: causal_conv1d(*t, 2, 2), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_step_carries_forward_mode_tangents(backend, use_backend):
+    """The step under torch.autograd.forward_ad: the tangent of each output step is the causal conv of the
+    input's tangent (the op is linear in its input), never a silently dropped zero."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(14)
+    module = CausalConv1d(3, 4, 2, dilation=2)
+    x, tangent = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    with use_backend(backend, "cpu"), torch.no_grad(), forward_ad.dual_level():
+        state, tangents = module.init_state(2), []
+        for t in range(6):
+            y, state = module.step(forward_ad.make_dual(x[:, :, t], tangent[:, :, t]), state)
+            tangents.append(forward_ad.unpack_dual(y).tangent)
+    assert all(t is not None for t in tangents)
+    expected = oracle(tangent, module.weight, None, 2, 1)
+    torch.testing.assert_close(torch.stack(tangents, dim=-1), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_step_under_weight_norm(backend, use_backend):
+    """WaveNet/TCN code puts weight norm on every conv: step reads the parametrized weight."""
+    torch.manual_seed(13)
+    module = weight_norm(CausalConv1d(3, 5, 3, dilation=2))
+    x = torch.randn(2, 3, 9)
+    with use_backend(backend, "cpu"), torch.no_grad():
+        expected = oracle(x, module.weight, module.bias, 2, 1)
+        state, outputs = module.init_state(2), []
+        for t in range(x.shape[-1]):
+            y, state = module.step(x[:, :, t], state)
+            outputs.append(y)
+    torch.testing.assert_close(torch.stack(outputs, dim=-1), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +318,7 @@ def test_module_is_a_drop_in():
     [
         (lambda: causal_conv1d(torch.randn(3), torch.randn(2, 3, 2)), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 3, 2)), RuntimeError),
-        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=0), ValueError),
+        (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=0), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), dilation=1.5), TypeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(3, 2, 2), groups=2), RuntimeError),
         (lambda: causal_conv1d(torch.randn(2, 4, 5), torch.randn(2, 4, 2), torch.randn(3)), RuntimeError),
@@ -281,3 +340,68 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 1–4), layouts, kernel sizes, dilations and
+# groups (the invalid ones included), with and without bias, on every backend against torch's
+# Conv1d(padding=d·(k−1)) + chomp (the TCN form, which accepts every length the causal conv does; a
+# sequence of length 0 gives an empty output, where torch's convolution refuses it); valid batched calls
+# are also streamed step by step.
+
+FUZZ_CALLS = dict(
+    rank=st.integers(1, 4), batch=st.integers(0, 3), groups=st.integers(0, 3), per_group=st.integers(1, 3),
+    outputs_per_group=st.integers(1, 3), length=st.integers(0, 9), kernel_size=st.integers(1, 4),
+    dilation=st.integers(0, 4), bias=st.sampled_from(["yes", "no", "wrong-shape"]),
+    channel_error=st.integers(-1, 1), layout=st.sampled_from(FUZZ_LAYOUTS), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_causal_conv(rank, batch, groups, per_group, outputs_per_group, length, kernel_size, dilation, bias,
+                      channel_error, layout, seed):
+    # torch's convolution skips its checks of dilation and groups for an empty batch; fastdl checks always.
+    assume(batch > 0 or (dilation > 0 and groups > 0))
+    g = torch.Generator().manual_seed(seed)
+    in_channels, out_channels = max(groups, 1) * per_group, max(groups, 1) * outputs_per_group
+    shape = [batch, in_channels + channel_error, length][3 - rank:] if rank <= 3 else [1, batch, in_channels, length]
+    leaves = [torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64, generator=g),
+              torch.randn(out_channels, per_group, kernel_size, dtype=torch.float64, generator=g)]
+    if bias != "no":
+        leaves.append(torch.randn(out_channels + (bias == "wrong-shape"), dtype=torch.float64, generator=g))
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def tcn(x, w, b=None):
+        return F.conv1d(x, w, b, padding=dilation * (kernel_size - 1), dilation=dilation, groups=groups)[..., :length]
+
+    def run(function):
+        return lambda x, *parameters: function(with_layout(x, layout, shape), *parameters, dilation=dilation, groups=groups)
+
+    def oracle(*tensors):
+        x = with_layout(tensors[0], layout, shape)
+        if length == 0 and rank in (2, 3):  # checked by torch first, then answered with an empty output
+            tcn(torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype), *tensors[1:])
+            return x.new_zeros(x.shape[:-2] + (out_channels, 0)) + 0 * sum(t.sum() for t in tensors)
+        return tcn(x, *tensors[1:])
+
+    for backend, dtype in fuzz_backends():
+        def ours():
+            with fastdl.backend(backend):
+                return outputs_and_grads(run(causal_conv1d), leaves, dtype=dtype)
+        valid = assert_like_torch(lambda: outputs_and_grads(oracle, leaves), ours, assert_same_results)
+        if valid and rank == 3 and batch > 0 and length > 0:
+            module = CausalConv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups,
+                                  bias=bias == "yes", dtype=dtype)
+            with torch.no_grad(), fastdl.backend(backend):
+                module.weight.copy_(leaves[1])
+                if bias == "yes":
+                    module.bias.copy_(leaves[2])
+                x = with_layout(leaves[0].detach(), layout, shape).to(dtype)
+                state, steps = module.init_state(batch), []
+                for t in range(length):
+                    y, state = module.step(x[:, :, t], state)
+                    steps.append(y)
+            assert_close(torch.stack(steps, dim=-1), tcn(*[t.detach() for t in leaves]), name="streamed steps")
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_causal_conv, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_causal_conv, FUZZ_CALLS, examples=25, long=True)

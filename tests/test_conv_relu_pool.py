@@ -3,11 +3,20 @@ nn.Sequential(nn.Conv2d, nn.ReLU, nn.MaxPool2d) in fp64."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
 from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+from torch.nn.utils.parametrizations import weight_norm
 
 import fastdl
-from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool
-from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
+from fastdl.ops import ConvReLUPool2d, conv_relu_pool2d, fuse_conv_relu_pool, spectral_norm
+from fastdl.ops.conv_relu_pool import pooled_size
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_same_results,
+                            assert_transform_matches, backend_device_cases, cpu_isa_cases, fuzz_backends, fuzz_test,
+                            layout_leaf_shape, outputs_and_grads, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -188,6 +197,32 @@ def test_native_gradcheck_fp64(isa, use_backend):
         assert torch.autograd.gradcheck(lambda *t: conv_relu_pool2d(*t, pool_kernel_size=2), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms (over functional_call of the module), forward-mode AD and double backward give
+    the numbers of the same transform over Conv2d → ReLU → MaxPool2d."""
+    module = ConvReLUPool2d(2, 3, 3, padding=1, pool_kernel_size=3, pool_stride=2, ceil_mode=True).to(dtype)
+    g = torch.Generator().manual_seed(14)
+    x, w, b = (torch.randn(shape, dtype=torch.float64, generator=g) for shape in ((2, 2, 6, 5), (3, 2, 3, 3), (3,)))
+
+    def oracle(x, w, b):
+        return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 3, 2, ceil_mode=True)
+
+    ours = lambda x, w, b: functional_call(module, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, oracle, [x, w, b], dtype=dtype)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    g = torch.Generator().manual_seed(15)
+    x, w, b = (torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+               for shape in ((1, 2, 7, 6), (3, 2, 3, 3), (3,)))
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda *t: conv_relu_pool2d(*t, padding=1, pool_kernel_size=2), (x, w, b))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,6 +340,54 @@ def test_fuse_conv_relu_pool_keeps_outputs_gradients_and_state(make, shape, fuse
     original.load_state_dict(model.state_dict())
 
 
+@pytest.mark.parametrize("parametrization", ["fastdl-spectral-norm", "torch-spectral-norm", "weight-norm"])
+def test_fuse_keeps_parametrizations(parametrization):
+    apply = {"fastdl-spectral-norm": spectral_norm, "torch-spectral-norm": torch_spectral_norm,
+             "weight-norm": weight_norm}[parametrization]
+    torch.manual_seed(0)
+    original = nn.Sequential(apply(nn.Conv2d(3, 8, 3, padding=1).double()), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    model = nn.Sequential(apply(nn.Conv2d(3, 8, 3, padding=1).double()), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    model.load_state_dict(original.state_dict())
+    conv = model[0]
+    fuse_conv_relu_pool(model)
+    fused = model[0]
+    assert isinstance(fused, ConvReLUPool2d) and parametrize.is_parametrized(fused, "weight")
+    assert fused.parametrizations.weight is conv.parametrizations.weight, "the parametrization is shared, not copied"
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):  # training steps: spectral norm's power iteration updates its buffers each time
+        expected, actual = original(x), model(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(actual.sum(), list(model.parameters()))
+        for a, e in zip(grads, torch.autograd.grad(expected.sum(), list(original.parameters()))):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.state_dict(), original.state_dict(), rtol=1e-10, atol=1e-12)
+    parametrize.remove_parametrizations(fused, "weight")
+    assert type(fused) is ConvReLUPool2d and isinstance(fused.weight, nn.Parameter)
+
+
+def test_fuse_keeps_hooks():
+    """A conv's forward pre-hooks move with it; a run with hooks that would see the ReLU's or the pool's
+    tensors, or the conv's output, is not fused, so those hooks keep running with their usual arguments."""
+    torch.manual_seed(0)
+    seen = []
+    pre_hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    pre_hooked[0].register_forward_pre_hook(lambda module, args: seen.append(("pre", args[0].shape)))
+    pooled_hooked = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    pooled_hooked[2].register_forward_hook(lambda module, args, out: seen.append(("pool", out.shape)))
+    conv_hooked = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    conv_hooked[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(("conv-backward",)))
+    model = nn.Sequential(pre_hooked, pooled_hooked, conv_hooked)
+    fuse_conv_relu_pool(model)
+    assert isinstance(pre_hooked[0], ConvReLUPool2d)
+    assert type(pooled_hooked[0]) is nn.Conv2d and type(conv_hooked[0]) is nn.Conv2d
+    x = torch.randn(1, 3, 30, 30, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [("pre", (1, 3, 30, 30)), ("pool", (1, 4, 6, 6)), ("conv-backward",)]
+    with pytest.raises(ValueError, match="backward hooks"):
+        ConvReLUPool2d.from_modules(conv_hooked[0], conv_hooked[2])
+
+
 @pytest.mark.parametrize(
     "call,error,match",
     [
@@ -318,7 +401,7 @@ def test_fuse_conv_relu_pool_keeps_outputs_gradients_and_state(make, shape, fuse
          RuntimeError, "pool_padding"),
         (lambda: conv_relu_pool2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), pool_kernel_size=3), RuntimeError, "too small"),
         (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), pool_kernel_size=2.5), TypeError, "pool_kernel_size"),
-        (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), stride=2, padding="same"), ValueError, "same"),
+        (lambda: conv_relu_pool2d(torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3), stride=2, padding="same"), RuntimeError, "same"),
     ],
     ids=["rank2", "weight-rank3", "channels", "bias-shape", "dtype-mismatch", "stride0", "pool-padding", "too-small",
          "kernel-float", "same-strided"],
@@ -335,3 +418,74 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 2–5), layouts, every convolution and pooling
+# hyper-parameter (strings, zeros, padding past half the window, windows past the input: the invalid ones
+# included), on every backend against Conv2d → ReLU → MaxPool2d. Gradients are compared in fp64, where the
+# window maxima are the oracle's; in fp32 a near-tie may pick another element, as torch's fp32 may.
+
+def _window_in_padding_only(height, width, kernel, stride, padding, dilation, pool_kernel, pool_stride,
+                            pool_padding, pool_dilation, ceil_mode) -> bool:
+    """Whether some pooling window lies wholly in the pooling's padding: torch 2.13's max_pool2d backward
+    then writes out of bounds (heap corruption, an abort), so the oracle cannot run such calls."""
+    pads = (0, 0) if isinstance(padding, str) else (padding, padding) if isinstance(padding, int) else padding
+    for size, k, p in zip((height, width), kernel, pads):
+        conv = size if padding == "same" else (size + 2 * p - dilation * (k - 1) - 1) // max(stride, 1) + 1
+        if conv < 1:
+            return False
+        pooled = pooled_size(conv, pool_kernel, pool_stride or pool_kernel, pool_padding, pool_dilation, ceil_mode)
+        for o in range(max(pooled, 0)):
+            start = o * (pool_stride or pool_kernel) - pool_padding
+            if all(not 0 <= start + i * pool_dilation < conv for i in range(pool_kernel)):
+                return True
+    return False
+
+
+FUZZ_CALLS = dict(
+    rank=st.integers(2, 5), batch=st.integers(0, 2), groups=st.integers(0, 2), per_group=st.integers(1, 3),
+    outputs_per_group=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 9),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.integers(0, 3),
+    padding=st.sampled_from([0, 1, 2, (1, 0), "same", "valid"]), dilation=st.integers(1, 2), bias=st.booleans(),
+    pool_kernel=st.integers(1, 3), pool_stride=st.sampled_from([None, 1, 2, 3]), pool_padding=st.integers(0, 2),
+    pool_dilation=st.integers(1, 2), ceil_mode=st.booleans(),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed", "expanded"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_conv_relu_pool(rank, batch, groups, per_group, outputs_per_group, height, width, kernel, stride, padding,
+                         dilation, bias, pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode, layout,
+                         seed):
+    assume(not _window_in_padding_only(height, width, kernel, stride, padding, dilation, pool_kernel, pool_stride,
+                                       pool_padding, pool_dilation, ceil_mode))
+    g = torch.Generator().manual_seed(seed)
+    in_channels, out_channels = max(groups, 1) * per_group, max(groups, 1) * outputs_per_group
+    shape = [batch, in_channels, height, width][4 - rank:] if rank <= 4 else [1, batch, in_channels, height, width]
+    leaves = [torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64, generator=g),
+              torch.randn(out_channels, per_group, *kernel, dtype=torch.float64, generator=g)]
+    if bias:
+        leaves.append(0.3 * torch.randn(out_channels, dtype=torch.float64, generator=g))
+    leaves = [t.requires_grad_() for t in leaves]
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    pool = (pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode)
+
+    def ours(x, w, b=None):
+        return conv_relu_pool2d(with_layout(x, layout, shape), w, b, **conv, pool_kernel_size=pool_kernel,
+                                pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode,
+                                pool_dilation=pool_dilation)
+
+    def oracle(x, w, b=None):
+        return F.max_pool2d(F.relu(F.conv2d(with_layout(x, layout, shape), w, b, **conv)), *pool)
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                results = outputs_and_grads(ours, leaves, dtype=dtype)
+            return results if dtype == torch.float64 else (results[0], ())
+
+        assert_like_torch(lambda: outputs_and_grads(oracle, leaves), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_conv_relu_pool, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_conv_relu_pool, FUZZ_CALLS, examples=25, long=True)

@@ -2,9 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
+
 import fastdl
 from fastdl.ops import LocalResponseNorm, local_response_norm
-from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, FUZZ_LAYOUTS, assert_close, assert_function_matches_torch,
+                            assert_like_torch, assert_module_matches_torch, assert_same_results,
+                            assert_transform_matches, backend_device_cases, cpu_isa_cases, fuzz_backends, fuzz_test,
+                            layout_leaf_shape, outputs_and_grads, torch_module_samples, torch_op_samples, with_layout)
 
 CASES = backend_device_cases()
 
@@ -63,7 +68,7 @@ def _matrix():
             yield pytest.param(*case.values, *shape, marks=marks, id=f"{case.id}-{str(shape).replace(' ', '')}")
 
 
-@pytest.mark.parametrize("backend,device,dtype,shape,size,alpha,beta,k", _matrix())
+@pytest.mark.parametrize("backend,device,dtype,shape,size,alpha,beta,k", list(_matrix()))
 def test_matches_torch(backend, device, dtype, shape, size, alpha, beta, k, use_backend):
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     _check_against_oracle(backend, device, dtype, x, size, alpha, beta, k, use_backend)
@@ -121,6 +126,33 @@ def test_native_gradcheck_fp64(isa, use_backend):
         assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 4, 0.9, 1.3, 0.5), (x,))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, dtype, backend, use_backend):
+    """torch.func transforms, forward-mode AD and double backward give torch's numbers."""
+    x = torch.randn(2, 5, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0),
+                                 lambda t: F.local_response_norm(t, 3, 0.5, 0.75, 1.0), [x], dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_pytorch_module_and_op_samples(backend, use_backend):
+    """PyTorch's own sample inputs for nn.LocalResponseNorm (ModuleInfo) and F.local_response_norm (OpInfo)."""
+    with use_backend(backend, "cpu"):
+        for sample in torch_module_samples(torch.nn.LocalResponseNorm):
+            assert_module_matches_torch(LocalResponseNorm, torch.nn.LocalResponseNorm, sample)
+        for sample in torch_op_samples("nn.functional.local_response_norm"):
+            assert_function_matches_torch(local_response_norm, F.local_response_norm, sample)
+
+
+def test_native_gradgradcheck_fp64(use_backend):
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    with use_backend("native", "cpu"):
+        assert torch.autograd.gradgradcheck(lambda t: local_response_norm(t, 3, 0.9, 1.3, 0.5), (x,))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,3 +208,41 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message and "triton:" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random shapes (0, 1, odd sizes; ranks 1–5, the invalid ones included), layouts,
+# windows (≤ 0, wider than the channels, non-int), absurd hyper-parameters and NaN/Inf, on every backend
+# against torch: the same exception type where torch raises, torch's numbers where it does not.
+
+FUZZ_CALLS = dict(
+    rank=st.integers(1, 5), dims=st.lists(st.integers(0, 5), min_size=5, max_size=5),
+    layout=st.sampled_from(FUZZ_LAYOUTS), size=st.one_of(st.integers(-1, 9), st.just(2.5)),
+    alpha=st.sampled_from([1e-4, 0.5, 3.0, 1e12]), beta=st.sampled_from([0.0, 0.75, 1.3, -0.5]),
+    k=st.sampled_from([0.5, 1.0, 2.0]), special=st.sampled_from([None, "nan", "inf"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_local_response_norm(rank, dims, layout, size, alpha, beta, k, special, seed):
+    shape = dims[:rank]
+    leaf = torch.randn(layout_leaf_shape(layout, shape), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+    if special and leaf.numel():
+        leaf.view(-1)[seed % leaf.numel()] = float(special)
+    leaf.requires_grad_()
+
+    def ours(t):
+        return local_response_norm(with_layout(t, layout, shape), size, alpha, beta, k)
+
+    def oracle(t):  # contiguous: torch's own fails on non-contiguous 5-D input (a .view in its code)
+        return F.local_response_norm(with_layout(t, layout, shape).contiguous(), size, alpha, beta, k)
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                return outputs_and_grads(ours, [leaf], dtype=dtype)
+        assert_like_torch(lambda: outputs_and_grads(oracle, [leaf]), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_local_response_norm, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_local_response_norm, FUZZ_CALLS, examples=25, long=True)

@@ -3,12 +3,16 @@ copied weights, fp64 oracle: outputs, final states and the gradients of input, i
 parameter."""
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastdl
 from fastdl.ops import GRU, LSTM, GRUCell, LSTMCell, gru_cell, lstm_cell
-from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases, outputs_and_grads
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_module_matches_torch,
+                            assert_same_results, assert_transform_matches, backend_device_cases, cpu_isa_cases,
+                            fuzz_backends, fuzz_test, outputs_and_grads, raised_by, torch_module_error_samples,
+                            torch_module_samples, with_layout)
 
 CASES = backend_device_cases()
 FP32_CASES = [c for c in CASES if c.values[2] == torch.float32]
@@ -135,6 +139,16 @@ def test_unbatched_input(cls, batch_first, backend, device, dtype, use_backend):
     _check(ours, theirs, make, _rnn_call, backend, device, dtype, use_backend)
 
 
+def _packed_call(module, lengths):
+    """``fn(padded, *states)``: the module on the padded input packed with ``lengths`` (unsorted), returning
+    the packed output's data and the final states."""
+    def fn(x, *states):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, hidden = module(packed, states if len(states) == 2 else states[0])
+        return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+    return fn
+
+
 @pytest.mark.parametrize("isa", cpu_isa_cases())
 def test_native_gradcheck_fp64(isa, use_backend):
     with use_backend("native", "cpu"):
@@ -144,13 +158,7 @@ def test_native_gradcheck_fp64(isa, use_backend):
             lengths = torch.tensor([3, 1, 2])
             x = _randn(3, 3, 3).requires_grad_()
             h = _states(module, 3, seed=1)
-
-            def fn(x, *states):
-                packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-                output, hidden = module(packed, states if len(states) == 2 else states[0])
-                return (output.data,) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
-
-            assert torch.autograd.gradcheck(fn, (x,) + h)
+            assert torch.autograd.gradcheck(_packed_call(module, lengths), (x,) + h)
             assert torch.autograd.gradcheck(lambda x, *s: _rnn_call(module, x, *s), (x,) + h)
         x, hx, cx = _randn(2, 3).requires_grad_(), _randn(2, 4, seed=1).requires_grad_(), _randn(2, 4, seed=2).requires_grad_()
         weights = [_randn(16, 3, seed=3).requires_grad_(), _randn(16, 4, seed=4).requires_grad_(),
@@ -233,7 +241,8 @@ def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with use_backend(backend, device):
         for op, args in _op_samples(device):
-            # Backward ops have no derivative of their own (no double backward), so only forward ops get grads.
+            # Backward ops have no autograd formula of their own (the forward ops' differentiable backward is
+            # the reference loop), so only forward ops get grads.
             differentiable = not op.name().endswith("_backward")
             args = tuple(a.requires_grad_(differentiable) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                          for a in args)
@@ -315,23 +324,130 @@ def test_deterministic(backend, device, dtype, use_backend):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize(
-    "call,error,match",
-    [
-        (lambda: LSTM(4, 5)(torch.randn(2, 3, 4, 5)), ValueError, "LSTM"),
-        (lambda: GRU(4, 5)(torch.randn(3, 2, 6)), RuntimeError, "input.size"),
-        (lambda: LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), RuntimeError, "3-D"),
-        (lambda: GRU(4, 5)(torch.randn(3, 2, 4), torch.randn(1, 3, 5)), RuntimeError, "hidden"),
-        (lambda: LSTMCell(4, 5)(torch.randn(2, 3, 4)), ValueError, "LSTMCell"),
-        (lambda: lstm_cell(torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5)), torch.randn(20, 4), torch.randn(20, 5)),
-         RuntimeError, "input_size"),
-        (lambda: gru_cell(torch.randn(2, 4), torch.randn(3, 5), torch.randn(15, 4), torch.randn(15, 5)), RuntimeError, "hx"),
-    ],
-    ids=["lstm-rank4", "gru-input-size", "lstm-state-rank", "gru-state-batch", "cell-rank3", "lstm-cell-size", "gru-cell-batch"],
-)
-def test_bad_input_raises_like_torch(call, error, match):
-    with pytest.raises(error, match=match):
-        call()
+# ------------------------------------------------------------------------- beyond first-order autograd
+def _functional(module, count):
+    """``fn(*inputs, *parameters)`` = the module on ``inputs`` (its first ``count`` arguments) with the
+    given parameters, through functional_call; a tuple of states is one argument of the module."""
+    names = [name for name, _ in module.named_parameters()]
+
+    def run(*args):
+        inputs = args[:count]
+        call_args = (inputs[0], tuple(inputs[1:]) if len(inputs) > 2 else inputs[1]) if count > 1 else inputs
+        output = functional_call(module, dict(zip(names, args[count:])), call_args)
+        if isinstance(output, tuple):  # (output, hidden) or (h, c): flatten
+            return tuple(t for part in output for t in (part if isinstance(part, tuple) else (part,)))
+        return output
+
+    return run
+
+
+TRANSFORM_MODULES = {
+    "lstm-cell": (LSTMCell, dict(input_size=3, hidden_size=4), lambda g: (_randn(2, 3, seed=g), _randn(2, 4, seed=g + 1),
+                                                                         _randn(2, 4, seed=g + 2))),
+    "gru-cell": (GRUCell, dict(input_size=3, hidden_size=4), lambda g: (_randn(2, 3, seed=g), _randn(2, 4, seed=g + 1))),
+    "lstm": (LSTM, dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True),
+             lambda g: (_randn(2, 3, 3, seed=g), _randn(4, 2, 2, seed=g + 1), _randn(4, 2, 4, seed=g + 2))),
+    "gru": (GRU, dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True),
+            lambda g: (_randn(3, 2, 3, seed=g), _randn(4, 2, 4, seed=g + 1))),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", list(TRANSFORM_MODULES))
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_match_torch(transform, kind, backend, use_backend):
+    """functional_call over the parameters, with input and states differentiated too, side by side with
+    torch's module: torch.func transforms, forward-mode AD and double backward."""
+    cls, kwargs, make = TRANSFORM_MODULES[kind]
+    theirs, ours = _twins(cls, **kwargs)
+    ours.double()
+    inputs = make(30)
+    params = [p.detach() for p in theirs.parameters()]
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, _functional(ours, len(inputs)), _functional(theirs, len(inputs)),
+                                 [*inputs, *params])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_gradgradcheck_fp64_packed(cls, backend, use_backend):
+    torch.manual_seed(0)
+    module = cls(3, 4, bidirectional=True, **(dict(proj_size=2) if cls is LSTM else {})).double()
+    lengths = torch.tensor([3, 1, 2])
+    x = _randn(3, 3, 3).requires_grad_()
+    states = _states(module, 3, seed=31)
+    with use_backend(backend, "cpu"):
+        assert torch.autograd.gradgradcheck(_packed_call(module, lengths), (x, *states))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell], ids=lambda c: c.__name__)
+def test_pytorch_module_samples(cls, backend, use_backend):
+    """PyTorch's own sample inputs for the module (its ModuleInfo): outputs and all gradients."""
+    with use_backend(backend, "cpu"):
+        for sample in torch_module_samples(TORCH_TWIN[cls]):
+            assert_module_matches_torch(cls, TORCH_TWIN[cls], sample)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell], ids=lambda c: c.__name__)
+def test_pytorch_module_error_samples(cls):
+    """PyTorch's own error inputs for the module: the exception type and message regex its tests expect."""
+    for error in torch_module_error_samples(TORCH_TWIN[cls]):
+        constructor, forward = error.module_error_input.constructor_input, error.module_error_input.forward_input
+        with pytest.raises(error.error_type, match=error.error_regex):
+            cls(*constructor.args, **constructor.kwargs).double()(*forward.args, **forward.kwargs)
+
+
+# (id, fastdl call, torch call): the same mistake made with both; torch's exception type and message are
+# expected (PyTorch's own tests match messages with regexes).
+_W4, _W3 = torch.randn(20, 4), torch.randn(15, 4)
+ERRORS = [
+    ("lstm-rank4", lambda m: m(torch.randn(2, 3, 4, 5)), "LSTM"),
+    ("lstm-input-size", lambda m: m(torch.randn(3, 2, 6)), "LSTM"),
+    ("lstm-state-rank", lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), "LSTM"),
+    ("lstm-unbatched-state-rank", lambda m: m(torch.randn(3, 4), (torch.randn(1, 1, 5), torch.randn(1, 1, 5))), "LSTM"),
+    ("lstm-state-not-a-pair", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 2, 5)), "LSTM"),
+    ("lstm-cell-state-shape", lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(1, 2, 6))), "LSTM"),
+    ("lstm-sequence-length-0", lambda m: m(torch.randn(0, 2, 4)), "LSTM"),
+    ("gru-state-batch", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 3, 5)), "GRU"),
+    ("gru-state-rank", lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 5)), "GRU"),
+    ("gru-fp64-state", lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 2, 5).double()), "GRU"),
+    ("gru-fp64-input", lambda m: m(torch.randn(3, 2, 4).double()), "GRU"),
+    ("gru-unbatched-length-0", lambda m: m(torch.randn(0, 4)), "GRU"),
+    ("lstm-cell-rank3", lambda m: m(torch.randn(2, 3, 4)), "LSTMCell"),
+    ("lstm-cell-state-rank3", lambda m: m(torch.randn(2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))), "LSTMCell"),
+    ("lstm-cell-input-size", lambda m: m(torch.randn(2, 3)), "LSTMCell"),
+    ("lstm-cell-hidden-size", lambda m: m(torch.randn(2, 4), (torch.randn(2, 6), torch.randn(2, 5))), "LSTMCell"),
+    ("lstm-cell-cell-size", lambda m: m(torch.randn(2, 4), (torch.randn(2, 5), torch.randn(2, 6))), "LSTMCell"),
+    ("lstm-cell-batch", lambda m: m(torch.randn(2, 4), (torch.randn(3, 5), torch.randn(3, 5))), "LSTMCell"),
+    ("lstm-cell-unbatched-2d-state", lambda m: m(torch.randn(4), (torch.randn(1, 5), torch.randn(1, 5))), "LSTMCell"),
+    ("gru-cell-state-rank3", lambda m: m(torch.randn(2, 4), torch.randn(1, 2, 5)), "GRUCell"),
+    ("gru-cell-hidden-size", lambda m: m(torch.randn(2, 4), torch.randn(2, 6)), "GRUCell"),
+    ("gru-cell-batch", lambda m: m(torch.randn(2, 4), torch.randn(3, 5)), "GRUCell"),
+    ("lstm-cell-functional-input-size",
+     lambda f: f(torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5)), _W4, torch.randn(20, 5)), "lstm_cell"),
+    ("gru-cell-functional-batch", lambda f: f(torch.randn(2, 4), torch.randn(3, 5), _W3, torch.randn(15, 5)), "gru_cell"),
+]
+_OURS = {"LSTM": LSTM(4, 5), "GRU": GRU(4, 5), "LSTMCell": LSTMCell(4, 5), "GRUCell": GRUCell(4, 5),
+         "lstm_cell": lstm_cell, "gru_cell": gru_cell}
+_THEIRS = {"LSTM": torch.nn.LSTM(4, 5), "GRU": torch.nn.GRU(4, 5), "LSTMCell": torch.nn.LSTMCell(4, 5),
+           "GRUCell": torch.nn.GRUCell(4, 5), "lstm_cell": torch.lstm_cell, "gru_cell": torch.gru_cell}
+
+
+@pytest.mark.parametrize("call,target", [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
+def test_bad_input_raises_like_torch(call, target):
+    expected, actual = raised_by(lambda: call(_THEIRS[target])), raised_by(lambda: call(_OURS[target]))
+    assert type(actual) is type(expected) and str(actual) == str(expected)
+
+
+def test_lstm_state_dtype_raises_torch_dtype_message():
+    """torch's own LSTM answers an fp64 state for fp32 input with a oneDNN-internal message; fastdl gives the
+    dtype message torch's GRU gives for the same mistake (the same exception type)."""
+    x, state = torch.randn(3, 2, 4), torch.randn(1, 2, 5)
+    expected = raised_by(lambda: torch.nn.LSTM(4, 5)(x, (state.double(), state)))
+    actual = raised_by(lambda: LSTM(4, 5)(x, (state.double(), state)))
+    assert type(actual) is type(expected) is RuntimeError
+    assert str(actual) == "mat1 and mat2 must have the same dtype, but got Double and Float"
 
 
 def test_explicit_backend_that_cannot_run_says_why():
@@ -340,3 +456,84 @@ def test_explicit_backend_that_cannot_run_says_why():
     message = str(info.value)
     assert "dtype float16 is not supported on cpu" in message
     assert "reference: can run it" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random configurations (layers, directions, projections, bias, batch_first; invalid
+# projection sizes included), inputs batched, unbatched, packed with random lengths or of a wrong rank,
+# sequence lengths 0–4, states absent, given, of a wrong shape or dtype, non-contiguous inputs; on every
+# backend against torch's module with the same weights: outputs and gradients of input, states and weights.
+
+FUZZ_CALLS = dict(
+    kind=st.sampled_from(["LSTM", "GRU", "LSTMCell", "GRUCell"]), input_size=st.integers(1, 3),
+    hidden_size=st.integers(1, 4), num_layers=st.integers(1, 2), bidirectional=st.booleans(), bias=st.booleans(),
+    batch_first=st.booleans(), proj_size=st.integers(0, 4), form=st.sampled_from(["batched", "unbatched", "packed",
+                                                                                    "rank-4"]),
+    length=st.integers(0, 4), batch=st.integers(1, 3), states=st.sampled_from(["none", "given", "wrong-shape",
+                                                                              "wrong-dtype"]),
+    layout=st.sampled_from(["contiguous", "transposed"]), seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_rnn(kind, input_size, hidden_size, num_layers, bidirectional, bias, batch_first, proj_size, form, length,
+              batch, states, layout, seed):
+    cell = kind.endswith("Cell")
+    kwargs = dict(input_size=input_size, hidden_size=hidden_size, bias=bias)
+    if not cell:
+        kwargs.update(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    if kind == "LSTM":
+        kwargs["proj_size"] = proj_size
+    ours_class = {"LSTM": LSTM, "GRU": GRU, "LSTMCell": LSTMCell, "GRUCell": GRUCell}[kind]
+    try:
+        theirs, ours = _twins(ours_class, seed=seed % 1000, **kwargs)
+    except ValueError:  # torch's constructor refused the configuration; ours is that same constructor
+        return
+    g = torch.Generator().manual_seed(seed)
+    if cell:
+        shape = {"batched": (batch, input_size), "unbatched": (input_size,)}.get(form, (1, batch, input_size))
+    else:
+        time_major = (length, batch) if not batch_first else (batch, length)
+        shape = {"batched": (*time_major, input_size), "unbatched": (length, input_size),
+                 "packed": (length, batch, input_size)}.get(form, (1, length, batch, input_size))
+    leaves = [torch.randn(shape, dtype=torch.float64, generator=g)]
+    lengths = torch.randint(1, max(length, 1) + 1, (batch,), generator=g)
+    lengths[0] = length
+    state_count = 2 if kind in ("LSTM", "LSTMCell") else 1
+    if states != "none":
+        directions = 2 if bidirectional and not cell else 1
+        state_batch = () if form == "unbatched" else (batch,)
+        for index in range(state_count):
+            size = proj_size if kind == "LSTM" and proj_size and index == 0 else hidden_size
+            state_shape = ((num_layers * directions,) if not cell else ()) + state_batch + (size,)
+            if states == "wrong-shape" and index == state_count - 1:
+                state_shape = state_shape[:-1] + (size + 1,)
+            leaves.append(torch.randn(state_shape, dtype=torch.float64, generator=g))
+    names = [name for name, _ in theirs.named_parameters()]
+    count = len(leaves)
+    leaves += [p.detach().clone() for p in theirs.parameters()]
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def call(module):
+        def run(*tensors):
+            x = with_layout(tensors[0], layout, shape)
+            hx = tensors[1:count]
+            if states == "wrong-dtype":
+                hx = tuple(t.float() if t.dtype == torch.float64 else t.double() for t in hx)
+            hx = None if not hx else (tuple(hx) if state_count == 2 else hx[0])
+            if form == "packed":
+                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            output = functional_call(module, dict(zip(names, tensors[count:])), (x, hx))
+            flat = output if isinstance(output, tuple) else (output,)
+            flat = [part.data if hasattr(part, "batch_sizes") else part for part in flat]
+            return tuple(t for part in flat for t in (part if isinstance(part, tuple) else (part,)))
+        return run
+
+    for backend, dtype in fuzz_backends():
+        def run():
+            with fastdl.backend(backend):
+                return outputs_and_grads(call(ours.to(dtype)), leaves, dtype=dtype)
+        assert_like_torch(lambda: outputs_and_grads(call(theirs), leaves), run, assert_same_results)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_rnn, FUZZ_CALLS, examples=25)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_rnn, FUZZ_CALLS, examples=25, long=True)

@@ -5,13 +5,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fastdl
 from fastdl.ops import spectral_norm, spectral_normalize
-from fastdl.testing import assert_close, backend_device_cases, cpu_isa_cases
+from fastdl.testing import (AUTOGRAD_TRANSFORMS, assert_close, assert_like_torch, assert_transform_matches,
+                            backend_device_cases, cpu_isa_cases, fuzz_backends, fuzz_test)
 
 CPU_CASES = [c for c in backend_device_cases() if c.values[1] == "cpu"]
 CASES = backend_device_cases()
@@ -229,6 +232,95 @@ def test_native_gradcheck_fp64(isa, use_backend):
         assert torch.autograd.gradcheck(lambda w: spectral_normalize(w, u0, v0, 1, 1e-12, False, dim=0)[0], (weight,))
 
 
+def _power_iteration_oracle(weight, u, v, dim, training):
+    """W / uᵀWv with u, v from one no-grad power iteration on W's matrix view (dim as rows)."""
+    matrix = weight.movedim(dim, 0).flatten(1)
+    if training:
+        with torch.no_grad():
+            u = F.normalize(torch.mv(matrix, v), dim=0, eps=1e-12)
+            v = F.normalize(torch.mv(matrix.t(), u), dim=0, eps=1e-12)
+        u, v = u.detach(), v.detach()
+    return weight / torch.vdot(u, torch.mv(matrix, v))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_of_the_functional(transform, dtype, training, backend, use_backend):
+    """torch.func transforms, forward-mode AD and double backward of W / σ(W) (u, v constants of the
+    gradient, as in torch), against the same formula in plain torch ops."""
+    g = torch.Generator().manual_seed(16)
+    weight = torch.randn(4, 3, 2, dtype=torch.float64, generator=g)
+    u = F.normalize(torch.randn(3, dtype=torch.float64, generator=g), dim=0)
+    v = F.normalize(torch.randn(8, dtype=torch.float64, generator=g), dim=0)
+
+    def ours(w):
+        return spectral_normalize(w, u.to(w.dtype), v.to(w.dtype), 1, 1e-12, training, dim=1)[0]
+
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, ours, lambda w: _power_iteration_oracle(w, u, v, 1, training), [weight],
+                                 dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("transform", AUTOGRAD_TRANSFORMS)
+def test_autograd_transforms_of_the_module_match_torch(transform, backend, use_backend):
+    """functional_call over the parametrized module in eval mode (where torch's parametrization supports
+    every transform), side by side with torch's."""
+    theirs, ours = _twins(lambda: nn.Linear(5, 4), torch.float64, "cpu")
+    theirs.eval(), ours.eval()
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    names = ("parametrizations.weight.original", "bias")
+    params = [dict(theirs.named_parameters())[name] for name in names]
+
+    def call(module):
+        return lambda x, w, b: functional_call(module, dict(zip(names, (w, b))), (x,))
+
+    with use_backend(backend, "cpu"):
+        assert_transform_matches(transform, call(ours), call(theirs), [x, *params])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_gradgradcheck_fp64(backend, use_backend):
+    weight = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    u = F.normalize(torch.randn(3, dtype=torch.float64), dim=0)
+    v = F.normalize(torch.randn(10, dtype=torch.float64), dim=0)
+    module = spectral_norm(nn.Linear(4, 3).double()).eval()  # the parametrization's eager step (C++ on native)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    original = module.parametrizations.weight.original
+    with use_backend(backend, "cpu"):
+        assert torch.autograd.gradgradcheck(lambda w: spectral_normalize(w, u, v, 1, 1e-12, False, dim=1)[0], (weight,))
+        assert torch.autograd.gradgradcheck(
+            lambda x, w: functional_call(module, {"parametrizations.weight.original": w}, (x,)), (x, original))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_wgan_gradient_penalty_matches_torch(backend, use_backend):
+    """WGAN-GP through a spectrally normalized critic in training mode (the penalty's parameter gradient is
+    a second derivative of the critic): every parameter gradient and the updated buffers match torch's."""
+    torch.manual_seed(0)
+    theirs = _spectral(_discriminator().double(), torch_spectral_norm)
+    ours = _spectral(_discriminator().double(), spectral_norm)
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(18)
+    real, fake = (torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    mix = torch.rand(3, 1, 1, 1, dtype=torch.float64, generator=g)
+    results = []
+    with use_backend(backend, "cpu"):
+        for critic in (ours, theirs):
+            between = (mix * real + (1 - mix) * fake).requires_grad_()
+            (slope,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
+            penalty = ((slope.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            loss = critic(fake).mean() - critic(real).mean() + 10 * penalty
+            results.append((loss.detach(), torch.autograd.grad(loss, list(critic.parameters()))))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert_close(loss, expected_loss, name="loss")
+    for (name, _), a, e in zip(theirs.named_parameters(), grads, expected_grads):
+        assert_close(a, e, name=f"grad {name}")
+    assert_close(ours.state_dict()["0.parametrizations.weight.0._u"], theirs.state_dict()["0.parametrizations.weight.0._u"])
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_opcheck(backend, use_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -365,3 +457,73 @@ def test_eager_shortcut_leaves_fake_tensors_and_dispatch_modes_to_the_custom_op(
             weight, u, v = torch.randn(5, 6), torch.randn(5), torch.randn(6)
             weight_sn, new_u, new_v = spectral_normalize(weight, u, v)
         assert isinstance(weight_sn, FakeTensor) and weight_sn.shape == (5, 6) and new_v.shape == (6,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differential fuzzing: random module types and sizes (1s and odd sizes), dims (out of range included),
+# iteration counts (≤ 0 included), eps, NaN weights, on every backend against torch's parametrization:
+# training steps (forward and backward, the power iteration updating u and v) then an eval step.
+
+FUZZ_MODULES = {
+    "linear": lambda a, b, k: nn.Linear(a, b),
+    "conv1d": lambda a, b, k: nn.Conv1d(a, b, k),
+    "conv2d": lambda a, b, k: nn.Conv2d(a, b, k),
+    "conv_transpose2d": lambda a, b, k: nn.ConvTranspose2d(a, b, k),
+    "embedding": lambda a, b, k: nn.Embedding(a, b),
+}
+FUZZ_CALLS = dict(
+    kind=st.sampled_from(list(FUZZ_MODULES)), first=st.integers(1, 6), second=st.integers(1, 6),
+    kernel=st.integers(1, 3), dim=st.one_of(st.none(), st.integers(-4, 4)), n_power_iterations=st.integers(-1, 3),
+    eps=st.sampled_from([1e-12, 1e-3, 0.5]), steps=st.integers(1, 2), nan_weight=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _fuzz_spectral_norm(kind, first, second, kernel, dim, n_power_iterations, eps, steps, nan_weight, seed):
+    def build(apply, dtype):
+        torch.manual_seed(seed)  # the same weights and the same random start of u and v
+        module = FUZZ_MODULES[kind](first, second, kernel).double()
+        if nan_weight:
+            with torch.no_grad():
+                module.weight.view(-1)[seed % module.weight.numel()] = float("nan")
+        return apply(module, n_power_iterations=n_power_iterations, eps=eps, dim=dim).to(dtype)
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, first, (2, 3), generator=g) if kind == "embedding"
+         else torch.randn(2, first, *(kernel + 2,) * (1 if kind == "conv1d" else 2 if "2d" in kind else 0),
+                          dtype=torch.float64, generator=g))
+
+    def trajectory(module):
+        """Per step: the output, every parameter gradient and u, v; eval mode last."""
+        results = []
+        for step in range(steps + 1):
+            module.train(step < steps)
+            inputs = x if kind == "embedding" else x.to(module.weight.dtype)
+            out = module(inputs)
+            grads = torch.autograd.grad(out.sum(), list(module.parameters()))
+            state = module.parametrizations.weight[0]
+            results.append((out.detach(), *grads, state._u.clone(), state._v.clone()))
+        return results
+
+    def compare(actual, expected):
+        for step, (a_step, e_step) in enumerate(zip(actual, expected)):
+            # fp32: a gradient that cancels to 0 (a 1×1 weight's) keeps the rounding of its terms, so the
+            # tolerance follows the step's largest result rather than each tensor's.
+            scale = max([1.0] + [e.abs().max().item() for e in e_step if e.numel() and e.isfinite().all()])
+            for index, (a, e) in enumerate(zip(a_step, e_step)):
+                if a.dtype == torch.float64:
+                    assert_close(a, e, name=f"step {step}, result {index}")
+                else:
+                    torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * scale, equal_nan=True,
+                                               msg=lambda m: f"step {step}, result {index}: {m}")
+
+    for backend, dtype in fuzz_backends():
+        def ours():
+            module = build(spectral_norm, dtype)  # built in fp64, then cast: outside the backend's scope
+            with fastdl.backend(backend):
+                return trajectory(module)
+        assert_like_torch(lambda: trajectory(build(torch_spectral_norm, torch.float64)), ours, compare)
+
+
+test_fuzz_matches_torch = fuzz_test(_fuzz_spectral_norm, FUZZ_CALLS, examples=10)
+test_fuzz_matches_torch_long = fuzz_test(_fuzz_spectral_norm, FUZZ_CALLS, examples=10, long=True)

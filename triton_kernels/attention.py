@@ -6,7 +6,8 @@ BLOCK_M × D output accumulator in registers, and writes the output and the row 
 programs stop at the last key their last query sees, so masked tiles are never loaded.
 
 Backward (FlashAttention-2's split, no atomics, so run-to-run deterministic):
-* δ_i = g_i · o_i, one row reduction (torch, before the kernels);
+* δ_i = g_i · o_i, one row reduction (torch, before the kernels), from the unrounded output (fp32 for
+  fp16/bf16 inputs: the forward stores it so, and the Python op rounds it for the caller);
 * dK/dV: one program per (block of BLOCK_N keys, batch × key/value head); it loops over the query heads
   of its group and the query blocks that see its keys, recomputes P from the saved lse, and accumulates
   dV += (P∘Z)ᵀ·dO and dK += scale·dSᵀ·Q in registers;
@@ -292,11 +293,12 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
+def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed, out):
+    """Writes the output into ``out`` (any strides, unit stride along the head dim; the kernel stores in
+    its dtype: fp32 for fp16/bf16 inputs, see fastdl/ops/attention.py) and returns the row log-sum-exp."""
     query, key, value = (_unit_stride(t) for t in (query, key, value))
     batch, heads_q, nq, head_dim = query.shape
     heads_kv, nk, value_dim = key.shape[1], key.shape[2], value.shape[3]
-    out = query.new_empty(batch, nq, heads_q, value_dim).transpose(1, 2)
     lse = torch.empty(batch, heads_q, nq, device=query.device, dtype=torch.float32)
     precision, mask_arg, strides = _common(query, key, value, mask)
     config = _config("forward", max(head_dim, value_dim), query.dtype)
@@ -307,7 +309,7 @@ def attention_forward(query, key, value, mask, dropout_p, is_causal, scale, seed
         HAS_MASK=mask is not None, CAUSAL=is_causal, DROPOUT=dropout_p > 0, PRECISION=precision,
         BLOCK_D=_padded(head_dim), BLOCK_DV=_padded(value_dim), **config,
     )
-    return out, lse
+    return lse
 
 
 def attention_backward(grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):

@@ -67,7 +67,8 @@ def _slide(total, nans, infs, x_ptr, base, idx, stride_c, channels, mask, BEFORE
 
 @triton.jit
 def _pow(base, exponent):
-    return tl.exp2(exponent * tl.log2(base))
+    # x⁰ = 1 for every x, inf and 0 included (where 0 · log2 x would be NaN), as torch's pow.
+    return tl.where(exponent == 0.0, 1.0, tl.exp2(exponent * tl.log2(base)))
 
 
 @triton.jit
@@ -144,7 +145,9 @@ def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, channels, positions, tiles, strid
             x = _channel(x_ptr, base, c, stride_c, channels, mask)
             g = _channel(g_ptr, base, c, stride_c, channels, mask)
             scale = _scale(center, center_nans, center_infs, alpha_over_size, k)
-            dx = g * _pow(scale, -beta) - coef * x * _value(mirrored, mirrored_nans, mirrored_infs).to(tl.float32)
+            # β = 0: the window term is exactly 0, as torch's pow backward for a zero exponent (0 · NaN is not)
+            mirror = tl.where(beta == 0.0, 0.0, coef * x * _value(mirrored, mirrored_nans, mirrored_infs).to(tl.float32))
+            dx = g * _pow(scale, -beta) - mirror
             tl.store(dx_ptr + _offsets(base, c, stride_c)[1], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

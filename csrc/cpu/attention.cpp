@@ -430,15 +430,18 @@ Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_kernel(const at::Tensor& query_in, const at::Tensor& key_in,
-                                                            const at::Tensor& value_in,
-                                                            const c10::optional<at::Tensor>& mask, double dropout_p,
-                                                            bool is_causal, double scale, int64_t seed) {
+// Writes the output into `out` (B, Hq, Nq, Dv), whatever its strides (unit stride along the head dim): the
+// Python op chooses its layout (the query's, as torch does). Returns the log-sum-exp of every row.
+at::Tensor attention_forward_kernel(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+                                    const c10::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                                    double scale, int64_t seed, at::Tensor out) {
   check_inputs(query_in, key_in, value_in, mask, "attention_forward_kernel");
   const at::Tensor q = unit_stride(query_in), k = unit_stride(key_in), v = unit_stride(value_in);
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dv = v.size(3);
-  // Laid out (B, Nq, Hq, Dv), the layout the Python op promises (MultiheadAttention reads it as (B, N, E)).
-  at::Tensor out = at::empty({batch, nq, heads, dv}, q.options()).transpose(1, 2);
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.sizes() == at::IntArrayRef({batch, heads, nq, dv}) &&
+                  (out.stride(3) == 1 || dv <= 1),
+              "attention_forward_kernel: out must be (B, Hq, Nq, Dv) of the query's dtype, with unit stride along "
+              "the head dim");
   at::Tensor lse = at::empty({batch, heads, nq}, q.options());
   const int64_t blocks = (nq + kBlockQ - 1) / kBlockQ;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward_kernel", [&] {
@@ -460,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_kernel(const at::Tensor& qu
       });
     });
   });
-  return {out, lse};
+  return lse;
 }
 
 // Writes ∂L/∂q, ∂L/∂k, ∂L/∂v into the given tensors, whatever their strides (unit stride along the head
@@ -521,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_ke
 TORCH_LIBRARY_FRAGMENT(fastdl, m) {
   m.def(
       "attention_forward_kernel(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-      "bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+      "bool is_causal, float scale, int seed, Tensor(a!) out) -> Tensor");
   m.def(
       "attention_backward_kernel(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor out, Tensor lse, float dropout_p, bool is_causal, float scale, int seed, bool mask_grad) "

@@ -74,8 +74,13 @@ FASTDL_INLINE bool pow_fast_covers(float base, float exponent) {
   return is_positive_normal(base) && std::fabs(exponent * log2_positive(base)) < 125.0f;
 }
 
-// Doubles serve gradcheck and fp64 oracles, where exactness matters more than speed.
-FASTDL_INLINE double pow_fast(double base, double exponent, int32_t&) { return std::pow(base, exponent); }
+// Doubles serve gradcheck and fp64 oracles, where exactness matters more than speed. A non-finite base
+// still counts as outside, as in the float version: it comes from a NaN or Inf that poisoned a caller's
+// sliding sum, and the caller redoes its tile exactly.
+FASTDL_INLINE double pow_fast(double base, double exponent, int32_t& outside) {
+  outside |= !std::isfinite(base);
+  return std::pow(base, exponent);
+}
 FASTDL_INLINE bool pow_fast_covers(double, double) { return true; }
 
 }  // namespace cpu

@@ -150,9 +150,12 @@ FASTDL_INLINE void backward_tile(const LrnTile<scalar_t>& t, scalar_t beta, cons
     return static_cast<double>(terms[j * t.lanes + l]);
   };
   const scalar_t coef = 2 * t.alpha_over_size * beta;
+  // β = 0: the window term is exactly 0, as torch's pow backward for a zero exponent (0 · NaN is not).
+  const bool window_term = beta != 0;
   const auto emit = [&](int64_t c, int64_t l, double mirrored) FASTDL_INLINE_LAMBDA {
     const int64_t i = element<scalar_t, kChannelsLast>(t, c, l);
-    grad_in[i] = grad_out[i] * scale_pow[c * t.lanes + l] - coef * t.x[i] * static_cast<scalar_t>(mirrored);
+    grad_in[i] = grad_out[i] * scale_pow[c * t.lanes + l] -
+                 (window_term ? coef * t.x[i] * static_cast<scalar_t>(mirrored) : scalar_t(0));
   };
   double poison = 0;  // stays 0 unless a running sum is NaN or ±Inf
   const auto gradient = [&](int64_t c, const double* running) FASTDL_INLINE_LAMBDA {

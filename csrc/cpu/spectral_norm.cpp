@@ -494,6 +494,28 @@ Normalized step_on_buffers(const at::Tensor& weight, const at::Tensor& u, const 
   return normalized;
 }
 
+// ∂L/∂W in differentiable ATen ops, for a backward that must itself be differentiable (see
+// fastdl/_autograd.py): σ = uᵀ W v is rebuilt from W, so that ∂σ/∂W reaches the second derivative.
+at::Tensor differentiable_weight_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& uv,
+                                          int64_t dim) {
+  const int64_t rows = weight.size(dim);
+  const at::Tensor u = uv.narrow(0, 0, rows), v = uv.narrow(0, rows, uv.numel() - rows);
+  const at::Tensor sigma = at::dot(u, at::mv(weight.movedim(dim, 0).flatten(1), v));
+  std::vector<int64_t> moved_shape = weight.sizes().vec();  // the shape of weight.movedim(dim, 0)
+  std::rotate(moved_shape.begin(), moved_shape.begin() + dim, moved_shape.begin() + dim + 1);
+  const at::Tensor outer = at::outer(u, v).reshape(moved_shape).movedim(0, dim);
+  return grad_output / sigma - (grad_output * weight).sum() / (sigma * sigma) * outer;
+}
+
+// Whether backward must be differentiable ATen ops: autograd records it (create_graph turns grad mode on),
+// a transform runs over it (the gradient is then a batched wrapper with no storage of its own: a vmap over
+// the backward, as is_grads_batched does), or a tangent rides on its operands (forward-mode AD). Transforms
+// around the forward never reach this node: the step declines them (fastdl/ops/spectral_norm.py).
+bool differentiable_backward_required(const at::Tensor& grad_output, const at::Tensor& weight) {
+  return at::GradMode::is_enabled() || !grad_output.has_storage() || grad_output._fw_grad(/*level=*/0).defined() ||
+         weight._fw_grad(/*level=*/0).defined();
+}
+
 // W / σ with its autograd node. What ∂L/∂W reads is saved: W (the parameter, alive anyway) and the
 // step's own u, v and σ, not the buffers: a later step may overwrite the buffers before backward (D(real)
 // and D(fake) in one GAN loss), as torch's clones guard against too.
@@ -526,6 +548,9 @@ class SpectralNormStep : public torch::autograd::Function<SpectralNormStep> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[0], &uv = saved[1];
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    if (differentiable_backward_required(grads[0], weight))
+      return {differentiable_weight_gradient(grads[0], weight, uv, dim), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor()};
     const char* u_data = static_cast<const char*>(uv.const_data_ptr());
     const char* v_data = u_data + weight.size(dim) * uv.element_size();
     const at::Tensor grad_weight =

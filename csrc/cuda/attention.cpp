@@ -10,9 +10,10 @@ namespace fastdl {
 namespace cuda {
 
 cudaError_t attention_forward(ScalarKind kind, const void* q, const void* k, const void* v, const void* mask, void* out,
-                              float* lse, const int64_t* shape, const int64_t* q_strides, const int64_t* k_strides,
-                              const int64_t* v_strides, const int64_t* mask_strides, const int64_t* out_strides,
-                              float scale, bool causal, double dropout_p, int64_t seed, cudaStream_t stream);
+                              bool out_float, float* lse, const int64_t* shape, const int64_t* q_strides,
+                              const int64_t* k_strides, const int64_t* v_strides, const int64_t* mask_strides,
+                              const int64_t* out_strides, float scale, bool causal, double dropout_p, int64_t seed,
+                              cudaStream_t stream);
 cudaError_t attention_backward(ScalarKind kind, const void* grad_out, const void* q, const void* k, const void* v,
                                const void* mask, const float* lse, const float* delta, void* dq, void* dk, void* dv,
                                void* dmask, const int64_t* shape, const int64_t* q_strides, const int64_t* k_strides,
@@ -51,16 +52,20 @@ std::array<int64_t, 7> shape_of(const at::Tensor& q, const at::Tensor& k, const 
   return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                          const at::Tensor& value,
-                                                          const c10::optional<at::Tensor>& mask, double dropout_p,
-                                                          bool is_causal, double scale, int64_t seed) {
+// Writes the output into `out` (B, Hq, Nq, Dv; any strides with a unit stride along the head dim; the query's
+// dtype or fp32), laid out and typed as the Python op chose. Returns the log-sum-exp of every row.
+at::Tensor attention_forward_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                  const c10::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                                  double scale, int64_t seed, at::Tensor out) {
   const char* op = "fastdl::attention_forward_kernel";
   check_inputs(query, key, value, mask, op);
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value);
-  // Laid out (B, Nq, Hq, Dv), the layout the Python op promises.
-  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  TORCH_CHECK(out.device() == q.device() && (out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat) &&
+                  out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}) &&
+                  (out.stride(3) == 1 || v.size(3) <= 1),
+              op, ": out must be (B, Hq, Nq, Dv) on the query's device, of its dtype or fp32, with unit stride along "
+              "the head dim");
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const auto shape = shape_of(q, k, v);
   const auto qs = row_strides(q), ks = row_strides(k), vs = row_strides(v), os = row_strides(out);
@@ -68,11 +73,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
   if (mask.has_value()) ms = {mask->stride(0), mask->stride(1), mask->stride(2), mask->stride(3)};
   check_launch(attention_forward(scalar_kind(q, op), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                  mask.has_value() ? mask->const_data_ptr() : nullptr, out.mutable_data_ptr(),
-                                 lse.mutable_data_ptr<float>(), shape.data(), qs.data(), ks.data(), vs.data(),
-                                 mask.has_value() ? ms.data() : nullptr, os.data(), static_cast<float>(scale), is_causal,
-                                 dropout_p, seed, current_stream(q)),
+                                 out.scalar_type() == at::kFloat, lse.mutable_data_ptr<float>(), shape.data(),
+                                 qs.data(), ks.data(), vs.data(), mask.has_value() ? ms.data() : nullptr, os.data(),
+                                 static_cast<float>(scale), is_causal, dropout_p, seed, current_stream(q)),
                op);
-  return {out, lse};
+  return lse;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -85,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
               ": grad_out must match the output's shape and the query's dtype");
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = unit_stride(query), k = unit_stride(key), v = unit_stride(value), g = unit_stride(grad_out);
-  // δ_i = dO_i · O_i in fp32: one row reduction, cheaper here than a pass inside both kernels.
+  // δ_i = dO_i · O_i in fp32 (O unrounded: fp32 for fp16/bf16 inputs): one row reduction, cheaper here than a
+  // pass inside both kernels.
   const at::Tensor delta = (g.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse32 = lse.to(at::kFloat).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());

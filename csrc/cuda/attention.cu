@@ -7,10 +7,11 @@
 // in, fp32 accumulate), the online softmax in base 2 (log2 e folded into the scale) runs a warp per
 // query row between them. Causal CTAs stop at their last visible key. O accumulates in fp32 in shared
 // memory (a row rescale needs element-wise access the opaque WMMA fragments do not give), and the
-// log-sum-exp of every row is written for backward.
+// log-sum-exp of every row is written for backward. O is written in the output's dtype: fp32 for fp16/bf16
+// inputs (the Python op rounds it for the caller and keeps it unrounded for backward's δ).
 //
 // Backward (FlashAttention-2's split, no atomics, so deterministic): δ_i = dO_i·O_i is computed by the
-// glue; one kernel per (key tile, batch × key/value head) accumulates dK and dV over the query heads of
+// glue, from the unrounded O; one kernel per (key tile, batch × key/value head) accumulates dK and dV over the query heads of
 // its group and the query tiles that see its keys; a second one per (query tile, batch × query head)
 // accumulates dQ (and writes dS as the mask's gradient when asked). Both recompute P from the saved lse.
 //
@@ -37,6 +38,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 struct Params {
   const void *q, *k, *v, *mask, *grad_out;
   void *out, *dq, *dk, *dv, *dmask;
+  bool out_float;  // O is written as fp32 (whatever T is)
   float *lse;
   const float *delta;
   int64_t batch, heads_q, heads_kv, nq, nk, d, dv_dim;
@@ -203,13 +205,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
     tile_product<T, true, true>(o, kPad, prob, kBN, v, kPad, kBM, kPad, kBN, true);  // O += P·V
   }
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1];
+  const int64_t out_base = b * p.so[0] + h * p.so[1];
   for (int idx = threadIdx.x; idx < kBM * kPad; idx += blockDim.x) {
     const int r = idx / kPad, c = idx % kPad;
     if (i0 + r >= p.nq || c >= p.dv_dim) continue;
     // A fully masked row (sum 0) gives 0, as torch does.
     const float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
-    out[(i0 + r) * p.so[2] + c] = from_float<T>(o[idx] * inverse);
+    const int64_t at = out_base + (i0 + r) * p.so[2] + c;
+    if (p.out_float) static_cast<float*>(p.out)[at] = o[idx] * inverse;
+    else static_cast<T*>(p.out)[at] = from_float<T>(o[idx] * inverse);
   }
   for (int r = threadIdx.x; r < kBM; r += blockDim.x)
     if (i0 + r < p.nq)
@@ -419,11 +423,12 @@ Params make_params(const int64_t* shape, const int64_t* q_strides, const int64_t
 }  // namespace
 
 cudaError_t attention_forward(ScalarKind kind, const void* q, const void* k, const void* v, const void* mask, void* out,
-                              float* lse, const int64_t* shape, const int64_t* q_strides, const int64_t* k_strides,
-                              const int64_t* v_strides, const int64_t* mask_strides, const int64_t* out_strides,
-                              float scale, bool causal, double dropout_p, int64_t seed, cudaStream_t stream) {
+                              bool out_float, float* lse, const int64_t* shape, const int64_t* q_strides,
+                              const int64_t* k_strides, const int64_t* v_strides, const int64_t* mask_strides,
+                              const int64_t* out_strides, float scale, bool causal, double dropout_p, int64_t seed,
+                              cudaStream_t stream) {
   Params p = make_params(shape, q_strides, k_strides, v_strides, mask_strides, scale, causal, dropout_p, seed);
-  p.q = q, p.k = k, p.v = v, p.mask = mask, p.out = out, p.lse = lse;
+  p.q = q, p.k = k, p.v = v, p.mask = mask, p.out = out, p.out_float = out_float, p.lse = lse;
   for (int i = 0; i < 3; ++i) p.so[i] = out_strides[i];
   return dispatch_scalar(kind, [&](auto tag) { return run<decltype(tag), true>(p, stream); });
 }

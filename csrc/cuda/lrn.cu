@@ -116,8 +116,9 @@ __global__ void __launch_bounds__(kThreads)
     slide_squares(center, x, a, c);
     if (c < 0) continue;
     const float scale_pow = powf(scale_of(center, a), -a.beta);
-    dx[c * a.stride_c] = from_float<T>(to_float(g[c * a.stride_c]) * scale_pow -
-                                       coef * to_float(x[c * a.stride_c]) * static_cast<float>(mirrored.value()));
+    // β = 0: the window term is exactly 0, as torch's pow backward for a zero exponent (0 · NaN is not).
+    const float mirror = a.beta == 0.0f ? 0.0f : coef * to_float(x[c * a.stride_c]) * static_cast<float>(mirrored.value());
+    dx[c * a.stride_c] = from_float<T>(to_float(g[c * a.stride_c]) * scale_pow - mirror);
   }
 }
 

@@ -17,6 +17,17 @@ Every kernel is flash attention: tiles of queries against tiles of keys with an 
 log2 e folded into the scale), the Nq×Nk matrix never stored, lse_i saved for backward, the tiles
 recomputed there, and tiles that causality masks entirely skipped.
 
+δ_i must come from the unrounded output: formed from o_i rounded to fp16/bf16, its error is relative to
+|g_i|·|o_i| while ds_ij is a difference against it, so when the values share a large common offset the
+rounding error can exceed the gradient itself. So for fp16/bf16 inputs the ops keep the output in fp32
+(every kernel writes its fp32 accumulator there), the functional and the module round it for the caller,
+and backward forms δ from the fp32 output. The output is laid out as the query is among (batch, head,
+row), as torch's.
+
+Beyond first-order eager autograd (fastdl/_autograd.py) the reference math is the composite: under
+``torch.func`` transforms and forward-mode AD the functional and the module run it, and a backward that
+must be differentiable recomputes it and differentiates it (the saved lse carries no graph).
+
 Dropout draws keep_ij from a counter-based hash of (seed, global row, column) — ``_dropout_bits`` below is
 its definition, which the C++, CUDA and Triton kernels reproduce bit for bit — so backward recomputes the
 forward's mask instead of storing it, and every backend drops the same elements for the same seed. The
@@ -39,9 +50,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention._utils import _validate_sdpa_input
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
 from .._linear import linear
+from .._scripting import scriptable_twin
 
 __all__ = ["MultiheadAttention", "scaled_dot_product_attention"]
 
@@ -106,20 +121,32 @@ def dropout_multiplier(seed: int | Tensor, dropout_p: float, batch: int, heads: 
 # Reference kernels: plain PyTorch, the spec and the fallback. They materialize the score matrix.
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _output_like(query: Tensor, value: Tensor) -> Tensor:
-    """The output every backend returns: logically (B, Hq, Nq, Dv), laid out (B, Nq, Hq, Dv) in memory
-    (as torch's own CPU flash kernel does), so that MultiheadAttention reads it as (B, Nq, E) for free."""
+    """The output every backend writes: (B, Hq, Nq, Dv) in the accumulation dtype — fp32 for fp16/bf16
+    inputs, so that backward's δ_i = g_i · o_i reads the unrounded output (the functional and the module
+    round it for the caller) — laid out as the query is among (batch, head, row), as torch does: a
+    contiguous query gives a contiguous output, and MultiheadAttention's query, a view of its (B, N, H·D)
+    or (N, B, H·D) projection, gives an output it reads as (B, N, E) or (N, B, E) for free."""
     batch, heads, nq, _ = query.shape
-    return query.new_empty(batch, nq, heads, value.shape[-1]).transpose(1, 2)
+    stride_batch, stride_head, stride_row = query.stride()[:3]
+    shape, dtype = (batch, heads, nq, value.shape[-1]), _accumulation_dtype(query.dtype)
+    if stride_row > stride_head and stride_row > stride_batch:  # rows outermost: (N, B, H, D)
+        return query.new_empty(nq, batch, heads, shape[3], dtype=dtype).permute(1, 2, 0, 3)
+    if stride_row > stride_head:  # (B, N, H, D)
+        return query.new_empty(batch, nq, heads, shape[3], dtype=dtype).transpose(1, 2)
+    return query.new_empty(shape, dtype=dtype)
 
 
 def _lse_like(query: Tensor) -> Tensor:
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return query.new_empty(query.shape[:3], dtype=dtype)
+    return query.new_empty(query.shape[:3], dtype=_accumulation_dtype(query.dtype))
 
 
 def _reference_scores(query, key, mask, is_causal, scale):
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    compute = _accumulation_dtype(query.dtype)
     group = query.shape[1] // key.shape[1]
     key = key.to(compute).repeat_interleave(group, dim=1)
     scores = torch.matmul(query.to(compute), key.transpose(-1, -2)) * scale
@@ -137,7 +164,9 @@ def _reference_probabilities(scores: Tensor, lse: Tensor) -> Tensor:
     return torch.exp(scores - lse.unsqueeze(-1))
 
 
-def _reference_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
+def _reference_attention(query, key, value, mask, dropout_p, is_causal, scale, seed) -> tuple[Tensor, Tensor]:
+    """(output, lse) in the accumulation dtype, in differentiable PyTorch ops: the reference kernel's math,
+    and the composite of fastdl/_autograd.py. lse = +∞ marks a fully masked row (its output is 0)."""
     scores = _reference_scores(query, key, mask, is_causal, scale)
     lse = torch.logsumexp(scores, dim=-1)
     lse = torch.where(lse == float("-inf"), float("inf"), lse)
@@ -145,10 +174,13 @@ def _reference_forward(query, key, value, mask, dropout_p, is_causal, scale, see
     if dropout_p > 0:
         probabilities = probabilities * dropout_multiplier(seed, dropout_p, *scores.shape, scores.device, scores.dtype)
     group = query.shape[1] // key.shape[1]
-    value = value.to(scores.dtype).repeat_interleave(group, dim=1)
-    out = _output_like(query, value)
-    out.copy_(torch.matmul(probabilities, value))
-    return out, lse.to(_lse_like(query).dtype)
+    return torch.matmul(probabilities, value.to(scores.dtype).repeat_interleave(group, dim=1)), lse
+
+
+def _reference_forward(query, key, value, mask, dropout_p, is_causal, scale, seed, out):
+    output, lse = _reference_attention(query, key, value, mask, dropout_p, is_causal, scale, seed)
+    out.copy_(output)
+    return lse
 
 
 def _reference_backward(grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
@@ -181,8 +213,8 @@ def _reference_backward(grad_out, query, key, value, mask, out, lse, dropout_p, 
 # Native (C++ / CUDA C++) and Triton kernels.
 
 
-def _native_forward(query, key, value, mask, dropout_p, is_causal, scale, seed):
-    return torch.ops.fastdl.attention_forward_kernel(query, key, value, mask, dropout_p, is_causal, scale, seed)
+def _native_forward(query, key, value, mask, dropout_p, is_causal, scale, seed, out):
+    return torch.ops.fastdl.attention_forward_kernel(query, key, value, mask, dropout_p, is_causal, scale, seed, out)
 
 
 def _native_backward(grad_out, query, key, value, mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
@@ -210,10 +242,13 @@ _BACKWARD = standard_kernels("fastdl.scaled_dot_product_attention (backward)", _
 
 
 def _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
-    if query.numel() == 0 or value.shape[-1] == 0:
-        return _output_like(query, value).zero_(), _lse_like(query).fill_(float("inf"))
-    kernel = _FORWARD.select(query.device, query.dtype, query, key, value)
-    return kernel.run(query, key, value, attn_mask, dropout_p, is_causal, scale, _seed_value(seed))
+    out = _output_like(query, value)
+    if out.numel() == 0:
+        return out, _lse_like(query).fill_(float("inf"))
+    # Without a head dim every score is the mask alone (a softmax of it, not nothing): the reference,
+    # since the kernels tile the head dim.
+    run = _FORWARD.select(query.device, query.dtype, query, key, value).run if query.shape[-1] else _reference_forward
+    return out, run(query, key, value, attn_mask, dropout_p, is_causal, scale, _seed_value(seed), out)
 
 
 @torch.library.custom_op("fastdl::attention_forward", mutates_args=())
@@ -222,7 +257,8 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
     """Canonical attention: query (B, Hq, Nq, D), key (B, Hk, Nk, D), value (B, Hk, Nk, Dv) with Hq a
     multiple of Hk, attn_mask None or an additive (B, Hq, Nq, Nk) mask (broadcast views welcome).
     ``seed`` is the dropout seed, a 0-d int64 tensor (None without dropout).
-    Returns the output and the natural-log lse (B, Hq, Nq) in fp32 (fp64 for fp64 inputs)."""
+    Returns the output (see _output_like: fp32 for fp16/bf16 inputs, laid out like the query) and the
+    natural-log lse (B, Hq, Nq) in fp32 (fp64 for fp64 inputs)."""
     return _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
 
 
@@ -236,11 +272,11 @@ def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, at
                  out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor],
                  mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of query, key, value and (when ``mask_grad``, else an empty tensor) of the mask."""
-    if query.numel() == 0 or key.numel() == 0 or value.shape[-1] == 0:
+    if grad_out.numel() == 0 or key.shape[2] == 0:
         grad_mask = query.new_zeros(query.shape[:3] + key.shape[2:3]) if mask_grad else query.new_empty(0)
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), grad_mask
-    kernel = _BACKWARD.select(query.device, query.dtype, query, key, value)
-    return kernel.run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
+    run = _BACKWARD.select(query.device, query.dtype, query, key, value).run if query.shape[-1] else _reference_backward
+    return run(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, _seed_value(seed),
                       mask_grad)
 
 
@@ -263,11 +299,31 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
 
 
+def _composite_gradients(grad_out: Tensor, forward, inputs: tuple, needs_grad: tuple) -> tuple:
+    """The gradients of ``forward(*inputs)`` (the composite attention) for the inputs flagged in
+    ``needs_grad``, for a backward that must itself be differentiable (fastdl/_autograd.py): the forward is
+    recomputed in differentiable PyTorch ops and differentiated, with its graph kept when autograd records
+    this backward (create_graph). The saved lse cannot serve: it carries no graph."""
+    wanted = [t for t, need in zip(inputs, needs_grad) if need]
+    record = torch.is_grad_enabled()
+    with torch.enable_grad():
+        out = forward(*inputs)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=record))
+    return tuple(next(grads) if need else None for need in needs_grad)
+
+
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale = ctx.hyperparameters
+    if differentiable_backward_required():
+        forward = lambda *inputs: _reference_attention(*inputs, dropout_p, is_causal, scale, _seed_value(seed))[0]  # noqa: E731
+        grads = _composite_gradients(grad_out, forward, (query, key, value, attn_mask), ctx.needs_input_grad[:4])
+        return *grads, None, None, None, None
+    # The output was kept unrounded (fp32 for fp16/bf16), so its gradient arrives in fp32: the kernels take
+    # it in the inputs' dtype (it was that dtype's gradient of the rounded output, so this is exact).
     grad_q, grad_k, grad_v, grad_mask = _backward_op(
-        grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed, ctx.mask_grad
+        grad_out.to(query.dtype), query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
+        ctx.mask_grad
     )
     return grad_q, grad_k, grad_v, grad_mask if ctx.mask_grad else None, None, None, None, None
 
@@ -332,8 +388,13 @@ def _packed_setup_context(ctx, inputs, output) -> None:
 
 def _packed_backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     qkv, attn_mask, out, lse, seed = ctx.saved_tensors
-    grad_qkv, grad_mask = _packed_backward_op(grad_out, qkv, attn_mask, out, lse, *ctx.hyperparameters, seed,
-                                              ctx.mask_grad)
+    if differentiable_backward_required():
+        dropout_p, is_causal, scale = ctx.hyperparameters
+        forward = lambda qkv, mask: _reference_attention(  # noqa: E731
+            *qkv.unbind(1), mask, dropout_p, is_causal, scale, _seed_value(seed))[0]
+        return *_composite_gradients(grad_out, forward, (qkv, attn_mask), ctx.needs_input_grad[:2]), None, None, None, None
+    grad_qkv, grad_mask = _packed_backward_op(grad_out.to(qkv.dtype), qkv, attn_mask, out, lse, *ctx.hyperparameters,
+                                              seed, ctx.mask_grad)
     return grad_qkv, grad_mask if ctx.mask_grad else None, None, None, None, None
 
 
@@ -384,10 +445,14 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> No
             )
         if is_causal:
             raise RuntimeError("scaled_dot_product_attention: attn_mask must be None when is_causal=True")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    if enable_gqa and (query.dim() < 3 or key.dim() < 3 or key.shape[-3] != value.shape[-3]
-                       or query.shape[-3] % key.shape[-3] != 0):
+    if dropout_p > 1.0:  # a negative p is no dropout, as in torch
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if not enable_gqa or query.numel() == 0:  # torch answers an empty query before looking at its heads
+        return
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        rank = min(query.dim(), key.dim(), value.dim())
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{rank}, {rank - 1}], but got -3)")
+    if key.shape[-3] != value.shape[-3] or query.shape[-3] % key.shape[-3] != 0:
         raise RuntimeError(
             "scaled_dot_product_attention: with enable_gqa, key and value must have the same number of heads "
             f"(dim -3) and it must divide the query's; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
@@ -440,21 +505,46 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         \mathrm{out} = \mathrm{dropout}\Big(\mathrm{softmax}\big(\mathrm{scale}\cdot QK^\top + M\big)\Big)\, V
 
     ``scale`` defaults to 1/√D. ``attn_mask`` is boolean (True = attend) or additive in the query's dtype,
-    broadcast against (…, Hq, Nq, Nk); ``is_causal`` masks key j > query i (top-left aligned when
-    Nq ≠ Nk, as torch does) and excludes ``attn_mask``. ``enable_gqa`` lets Hk divide Hq. Rows with every
+    broadcast against (…, Hq, Nq, Nk), or a ``torch.nn.attention.bias.CausalBias`` (upper-left or
+    lower-right causal); ``is_causal`` masks key j > query i (top-left aligned when Nq ≠ Nk, as torch does)
+    and excludes ``attn_mask``. ``enable_gqa`` lets Hk divide Hq. Rows with every
     key masked give 0. Dropout uses fastdl's counter-based mask (seeded from torch's generator), so it
     matches torch in distribution, not element by element. Differentiable in query, key, value and a
-    float ``attn_mask``.
+    float ``attn_mask`` to any order, in every autograd mode (``torch.func`` transforms and forward-mode
+    AD run the composite; see ``fastdl/_autograd.py``). The output is laid out as the query is (a
+    contiguous query gives a contiguous output), as torch's. fp16/bf16 results are rounded from fp32, and
+    backward reads the unrounded output.
     """
+    if isinstance(attn_mask, CausalBias):
+        attn_mask, is_causal = _causal_bias_mask(attn_mask, query, key, value, dropout_p, is_causal, scale)
     _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     rank = max(query.dim(), key.dim(), value.dim())
     q4, k4, v4, mask4, shape = _canonical(query, key, value, attn_mask, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     seed = _draw_seed() if dropout_p > 0 else None
-    out, _ = _forward_op(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), seed)
+    if composite_required():
+        out, _ = _reference_attention(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale),
+                                      _seed_value(seed))
+    else:
+        out, _ = _forward_op(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), seed)
     # Rank-2 inputs were given a head dim of 1 by _canonical; drop it again.
-    return out.reshape(shape[3 - rank:] if rank < 3 else shape)
+    return out.to(query.dtype).reshape(shape[3 - rank:] if rank < 3 else shape)
+
+
+def _causal_bias_mask(bias: CausalBias, query, key, value, dropout_p, is_causal, scale) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for a ``torch.nn.attention.bias.CausalBias`` mask, as torch reads it: the
+    upper-left variant (or equal lengths) is the kernels' causal mode; lower-right with Nq ≠ Nk, whose
+    diagonal is shifted by Nk − Nq, is its boolean mask (after torch's own checks of that path, whose
+    exception types differ from the functional's)."""
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")
+    if bias.seq_len_q == bias.seq_len_kv or bias.variant == CausalVariant.UPPER_LEFT:
+        return None, True
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        _validate_sdpa_input(query, key, value, None, dropout_p, is_causal, scale)
+        return bias._materialize(query.device), False
+    raise ValueError(f"CausalBias.variant must be a CausalVariant type, but found: {bias.variant}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,23 +584,39 @@ class MultiheadAttention(nn.MultiheadAttention):
         target_len, batch, embed = query.shape[seq_dim], query.shape[batch_dim], query.shape[2]
         source_len = key.shape[seq_dim]
         heads, head_dim = self.num_heads, self.head_dim
-        if embed != self.embed_dim:
-            raise AssertionError(f"MultiheadAttention: expected query embedding dim {self.embed_dim}, got {embed}")
+        # torch's checks, in torch's order and words (F.multi_head_attention_forward), on shapes stated
+        # sequence-first as torch states them.
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                              target_type=query.dtype)
         if is_causal and attn_mask is None:
-            raise RuntimeError("MultiheadAttention: is_causal=True is a hint that needs attn_mask (the causal mask)")
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                               "method `generate_square_subsequent_mask` to create this mask.")
         causal_kernel = is_causal and key_padding_mask is None and not need_weights
         if causal_kernel:
             attn_mask = None  # the kernel's causal mode replaces the given causal mask, skipping its tiles
         else:
             attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                           target_type=query.dtype, check_other=False)
+        if embed != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {embed}")
+        key_shape, value_shape = (torch.Size((t.shape[1], t.shape[0], t.shape[2])) if batch_major else t.shape
+                                  for t in (key, value))
+        if not self._qkv_same_embed_dim and key_shape[:2] != value_shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key_shape[:2]} do not match value's {value_shape[:2]}")
+        if self._qkv_same_embed_dim and key_shape != value_shape:
+            raise AssertionError(f"key shape {key_shape} does not match value shape {value_shape}")
+        if not self._qkv_same_embed_dim:
+            for name, weight, input in (("query", self.q_proj_weight, query), ("key", self.k_proj_weight, key),
+                                        ("value", self.v_proj_weight, value)):
+                if weight.shape != (embed, input.shape[-1]):
+                    raise AssertionError(f"expecting {name} weights shape of {(embed, input.shape[-1])}, but got "
+                                         f"{weight.shape}")
         if attn_mask is not None:
             expected = (target_len, source_len) if attn_mask.dim() == 2 else (batch * heads, target_len, source_len)
             if tuple(attn_mask.shape) != expected:
-                raise RuntimeError(f"MultiheadAttention: attn_mask should have shape {expected}, got {tuple(attn_mask.shape)}")
+                raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{expected}.")
             attn_mask = attn_mask.view(1, 1, *expected) if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *expected[1:])
 
         dropout_p = self.dropout if self.training else 0.0
@@ -535,6 +641,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
             source_len = k.shape[seq_dim]
             if key_padding_mask is not None:
+                F._check_key_padding_mask(key_padding_mask, source_len, batch)
                 padding = key_padding_mask.view(batch, 1, 1, source_len)
                 attn_mask = padding if attn_mask is None else attn_mask + padding
             # → (B, H, L, Dh): strided views, which the kernels read in place.
@@ -553,8 +660,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                     weights = weights.squeeze(0)
             else:
                 out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal_kernel)
-        # (B, H, L, Dh) → the input's layout. The kernels lay their output out as (B, L, H, Dh), so the
-        # batch-major case is a view and the sequence-first one a single transposing copy.
+        # (B, H, L, Dh) → the input's layout. The kernels lay their output out as the query is, a view of
+        # the (…, H·Dh) projection, so both cases are views. fp16/bf16 are rounded from fp32 here.
+        out = out.to(query.dtype)
         if batch_major:
             out = out.transpose(1, 2).reshape(batch, target_len, embed)
         else:
@@ -562,22 +670,31 @@ class MultiheadAttention(nn.MultiheadAttention):
         out = linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if is_batched else out.squeeze(1)), weights
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.MultiheadAttention)  # torch.jit.script (fastdl/_scripting.py)
+
     def _packed_self_attention(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                                dropout_p: float, is_causal: bool, batch_major: bool) -> Tensor:
         """Self-attention from one in-projection GEMM: q, k and v stay views of its (…, 3·E) output, which
         fastdl::attention_packed_forward reads in place and whose gradient its backward writes in that
-        same layout. Returns (B, H, L, Dh), laid out (B, L, H, Dh)."""
+        same layout. Returns (B, H, L, Dh), laid out as the projection (and fp32 for fp16/bf16 inputs)."""
         heads, head_dim = self.num_heads, self.head_dim
         projection = linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, head_dim))
         qkv = projection.permute((0, 2, 3, 1, 4) if batch_major else (1, 2, 3, 0, 4))  # (B, 3, H, L, Dh)
         batch, length = qkv.shape[0], qkv.shape[3]
         if key_padding_mask is not None:
+            F._check_key_padding_mask(key_padding_mask, length, batch)
             padding = key_padding_mask.view(batch, 1, 1, length)
             attn_mask = padding if attn_mask is None else attn_mask + padding
         if attn_mask is not None:
             attn_mask = attn_mask.expand(batch, heads, length, length)
         seed = _draw_seed() if dropout_p > 0 else None
-        out, _ = _packed_forward_op(qkv, attn_mask, float(dropout_p), bool(is_causal), 1.0 / math.sqrt(head_dim), seed)
+        if composite_required():
+            out, _ = _reference_attention(*qkv.unbind(1), attn_mask, float(dropout_p), bool(is_causal),
+                                          1.0 / math.sqrt(head_dim), _seed_value(seed))
+        else:
+            out, _ = _packed_forward_op(qkv, attn_mask, float(dropout_p), bool(is_causal), 1.0 / math.sqrt(head_dim),
+                                        seed)
         return out
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool):

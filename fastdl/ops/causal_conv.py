@@ -30,7 +30,9 @@ Layers: kernels in ``csrc/cpu/causal_conv.cpp``, ``csrc/cuda/causal_conv.{cu,cpp
 included), backend selection, the functionals and the module.
 
 Autograd saves x and w: the input gradient needs w, the weight gradient needs x, and nothing of the
-output is needed (the op is linear).
+output is needed (the op is linear). The reference kernels double as the composite of
+``fastdl/_autograd.py``: ``F.conv1d`` of the left-padded input under ``torch.func`` transforms and
+forward-mode AD, ATen's (differentiable) convolution backward when a backward must be differentiable.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _extension
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
+from .._scripting import scriptable_twin
 
 __all__ = ["CausalConv1d", "CausalConvState", "causal_conv1d", "causal_conv1d_init_state", "causal_conv1d_step"]
 
@@ -66,11 +70,15 @@ def _shifts(kernel_size: int, dilation: int) -> list[int]:
 
 
 def _reference_forward(input: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int) -> Tensor:
+    if input.shape[0] == 0 or input.shape[2] == 0:  # F.conv1d rejects a padded length shorter than the window
+        return input.new_empty((input.shape[0], weight.shape[0], input.shape[2]))
     padding = dilation * (weight.shape[-1] - 1)
     return F.conv1d(F.pad(input, (padding, 0)), weight, bias, dilation=dilation, groups=groups)
 
 
 def _reference_backward(grad_output: Tensor, input: Tensor, weight: Tensor, dilation: int, groups: int):
+    if input.shape[0] == 0 or input.shape[2] == 0:  # F.conv1d rejects a padded length shorter than the window
+        return torch.zeros_like(input), torch.zeros_like(weight), weight.new_zeros((weight.shape[0],))
     padding = dilation * (weight.shape[-1] - 1)
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_output, F.pad(input, (padding, 0)), weight, [weight.shape[0]], [1], [0], [dilation], False, [0],
@@ -134,8 +142,8 @@ _STEP = standard_kernels("fastdl.causal_conv1d_step", _native_step, _triton_step
 
 @torch.library.custom_op("fastdl::causal_conv1d", mutates_args=())
 def _forward_op(input: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int) -> Tensor:
-    if input.shape[0] == 0 or input.shape[2] == 0:  # F.conv1d rejects a padded length shorter than the window
-        return input.new_empty((input.shape[0], weight.shape[0], input.shape[2]))
+    if input.shape[0] == 0 or input.shape[2] == 0:
+        return _reference_forward(input, weight, bias, dilation, groups)
     kernel = _FORWARD.select(input.device, input.dtype)
     return kernel.run(input, weight, bias, dilation, groups)
 
@@ -149,7 +157,7 @@ def _(input, weight, bias, dilation, groups):
 def _backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, dilation: int,
                  groups: int) -> tuple[Tensor, Tensor, Tensor]:
     if input.shape[0] == 0 or input.shape[2] == 0:
-        return torch.zeros_like(input), torch.zeros_like(weight), weight.new_zeros((weight.shape[0],))
+        return _reference_backward(grad_output, input, weight, dilation, groups)
     kernel = _BACKWARD.select(input.device, input.dtype)
     return kernel.run(grad_output, input, weight, dilation, groups)
 
@@ -169,7 +177,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     input, weight = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _backward_op(grad_output.contiguous(), input, weight, *ctx.hyperparameters)
+    # The reference backward is ATen's convolution backward, itself differentiable (fastdl/_autograd.py).
+    backward = _reference_backward if differentiable_backward_required() else _backward_op
+    grad_input, grad_weight, grad_bias = backward(grad_output.contiguous(), input, weight, *ctx.hyperparameters)
     return grad_input, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
@@ -200,7 +210,7 @@ def _eager_native_step(input) -> bool:
     their tensors are subclasses, or dynamo is compiling), CUDA and the other backends go through
     ``fastdl::causal_conv1d_step``. The kernel is the same either way.
     """
-    if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling():
+    if type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling() or composite_required():
         return False
     return _STEP.native_on_cpu(input.dtype)
 
@@ -218,8 +228,8 @@ def _step_eager_native(input: Tensor, state: CausalConvState, weight: Tensor, bi
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"causal_conv1d: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"causal_conv1d: {name} must be >= {minimum}, got {value}")
+    if value < minimum:  # RuntimeError, as F.conv1d's for a non-positive dilation or groups
+        raise RuntimeError(f"causal_conv1d: {name} must be >= {minimum}, got {value}")
 
 
 def _check_weight_and_bias(weight: Tensor, bias: Tensor | None, dilation: int, groups: int) -> None:
@@ -264,7 +274,8 @@ def causal_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, dil
         y_{n,o,t} = b_o + \sum_{j<k} \sum_{i} w_{o,i,j}\, x_{n,i,\,t - d(k-1-j)} \qquad (x_{\cdot,\cdot,t<0} = 0)
 
     ``input`` is (N, C_in, T) or unbatched (C_in, T); the output has the same length T. Differentiable
-    in input, weight and bias (once: no double backward).
+    in input, weight and bias to any order, in every autograd mode (``torch.func`` transforms and
+    forward-mode AD run the composite, the ``F.conv1d`` above; see ``fastdl/_autograd.py``).
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"causal_conv1d: input must be a Tensor, got {type(input).__name__}")
@@ -275,7 +286,8 @@ def causal_conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, dil
     _check_weight_and_bias(weight, bias, dilation, groups)
     batched = input if input.dim() == 3 else input.unsqueeze(0)
     _check_operands(batched, weight, bias, weight.shape[1] * groups)
-    output = _forward_op(batched, weight, bias, dilation, groups)
+    forward = _reference_forward if composite_required() else _forward_op
+    output = forward(batched, weight, bias, dilation, groups)
     return output if input.dim() == 3 else output.squeeze(0)
 
 
@@ -291,8 +303,8 @@ def causal_conv1d_step(input: Tensor, state: CausalConvState, weight: Tensor, bi
                        dilation: int = 1, groups: int = 1) -> tuple[Tensor, CausalConvState]:
     """One streaming step: ``input`` (N, C_in) is x at step ``state.position``; returns y at that step,
     (N, C_out), and the state for the next step (its buffer is ``state.buffer``, updated in place).
-    Running it over t = 0 … T−1 gives ``causal_conv1d`` of the whole sequence, column by column. Not
-    differentiable (it is meant for generation)."""
+    Running it over t = 0 … T−1 gives ``causal_conv1d`` of the whole sequence, column by column. Meant for
+    generation: reverse-mode autograd does not record it, forward-mode AD carries tangents through it."""
     _check_weight_and_bias(weight, bias, dilation, groups)
     if not isinstance(input, Tensor) or input.dim() != 2:
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -310,7 +322,10 @@ def causal_conv1d_step(input: Tensor, state: CausalConvState, weight: Tensor, bi
                            f"{input.dtype} on {input.device}")
     if _eager_native_step(input):
         return _step_eager_native(input, state, weight, bias, dilation, groups)
-    output = _step_op(input.contiguous(), buffer, position, weight, bias, dilation, groups)
+    # Under forward-mode AD and torch.func transforms the step is plain PyTorch (fastdl/_autograd.py), so
+    # tangents reach its output.
+    step = _reference_step if composite_required() else _step_op
+    output = step(input.contiguous(), buffer, position, weight, bias, dilation, groups)
     return output, CausalConvState(buffer, position + 1)
 
 
@@ -341,6 +356,9 @@ class CausalConv1d(nn.Conv1d):
     def forward(self, input: Tensor) -> Tensor:
         return causal_conv1d(input, self.weight, self.bias, self.dilation[0], self.groups)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, _ScriptableCausalConv1d)  # torch.jit.script (fastdl/_scripting.py)
+
     def init_state(self, batch_size: int) -> CausalConvState:
         return causal_conv1d_init_state(batch_size, self.in_channels, self.kernel_size[0], self.dilation[0],
                                         device=self.weight.device, dtype=self.weight.dtype)
@@ -350,9 +368,20 @@ class CausalConv1d(nn.Conv1d):
             # The module's weight, bias, dilation and groups were checked when it was built; the native
             # kernel checks the input and the state against them. The parameters are read from
             # _parameters: nn.Module finds them by __getattr__ only after a failed normal lookup, which
-            # costs as much as the rest of this call.
+            # costs as much as the rest of this call. A parametrized weight (weight_norm, spectral_norm)
+            # is not there: it is computed, by the attribute.
             parameters = self._parameters
-            return _step_eager_native(input, state, parameters["weight"], parameters["bias"], self.dilation[0],
-                                      self.groups)
+            weight = parameters["weight"] if "weight" in parameters else self.weight
+            bias = parameters["bias"] if "bias" in parameters else self.bias
+            return _step_eager_native(input, state, weight, bias, self.dilation[0], self.groups)
         with torch.no_grad():
             return causal_conv1d_step(input, state, self.weight, self.bias, self.dilation[0], self.groups)
+
+
+class _ScriptableCausalConv1d(nn.Conv1d):
+    """CausalConv1d's forward in TorchScript-compilable PyTorch (fastdl/_scripting.py): the left-padded
+    ``F.conv1d`` the module docstring defines."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        padding = self.dilation[0] * (self.kernel_size[0] - 1)
+        return F.conv1d(F.pad(input, [padding, 0]), self.weight, self.bias, 1, 0, self.dilation, self.groups)

@@ -32,7 +32,9 @@ and Triton route the backward through the compact argmax into ATen's ``convoluti
 computes the convolution's backward itself where that pays: ∂L/∂z has one nonzero per pooled window, so
 each window scatters g·w into ∂L/∂x and g·x into ∂L/∂w directly (4× fewer multiply-adds for 2×2 pools);
 where a group's filters do not fit in cache (VGG16 block 5) it uses oneDNN's dense backward. ``reference``
-is plain PyTorch.
+is plain PyTorch, and doubles as the composite of ``fastdl/_autograd.py``: under ``torch.func`` transforms
+and forward-mode AD the functional is ``F.max_pool2d(F.relu(F.conv2d(…)))``, and a backward that must be
+differentiable is the reference backward.
 """
 from __future__ import annotations
 
@@ -42,8 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+from torch.nn.utils import parametrize
 
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import auto_runs_eager, standard_kernels
+from .._scripting import scriptable_twin
 from .._layout import preserved_format
 
 __all__ = ["ConvReLUPool2d", "conv_relu_pool2d", "fuse_conv_relu_pool"]
@@ -113,8 +118,9 @@ def _reference_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, weig
     grad_z = torch.zeros(*argmax.shape[:2], conv_shape[0] * conv_shape[1], dtype=grad_output.dtype,
                          device=grad_output.device)
     # Windows without a gradient point at their first corner, which may lie in the padding: clamp (adds 0).
+    # Out of place, so that it also runs on batched gradients (a transform over the backward).
     flat = (h * conv_shape[1] + w).clamp(0, conv_shape[0] * conv_shape[1] - 1)
-    grad_z.scatter_add_(2, flat.flatten(2), g.flatten(2))
+    grad_z = grad_z.scatter_add(2, flat.flatten(2), g.flatten(2))
     grad_z = grad_z.view(*argmax.shape[:2], *conv_shape)
     grad_bias = g.sum((0, 2, 3)) if has_bias else g.new_empty(0)
     return _conv_backward(grad_z, input, weight, input_needs_grad, weight_needs_grad, stride, padding, dilation,
@@ -230,8 +236,12 @@ def _backward(ctx, grad_output: Tensor, _grad_argmax):
     if grad_output is None:  # only the argmax was used downstream: nothing flows back
         return (None,) * (3 + len(ctx.params))
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    grad_input, grad_weight, grad_bias = _backward_op(grad_output, argmax, input, weight, ctx.has_bias and needs_bias,
-                                                      needs_input, needs_weight, *ctx.params)
+    # The reference backward (scatter by the saved argmax, ATen's convolution backward) is differentiable
+    # PyTorch: the gradients of ReLU and max-pool are piecewise constant, so it is the exact backward to
+    # differentiate again (fastdl/_autograd.py).
+    backward = _reference_backward if differentiable_backward_required() else _backward_op
+    grad_input, grad_weight, grad_bias = backward(grad_output, argmax, input, weight, ctx.has_bias and needs_bias,
+                                                  needs_input, needs_weight, *ctx.params)
     return (grad_input if needs_input else None, grad_weight if needs_weight else None,
             grad_bias if ctx.has_bias and needs_bias else None) + (None,) * len(ctx.params)
 
@@ -258,9 +268,9 @@ def _resolve_padding(input: Tensor, weight: Tensor, padding, stride, dilation) -
     if padding == "valid":
         return input, (0, 0)
     if padding != "same":
-        raise ValueError(f"conv_relu_pool2d: padding must be 'valid', 'same' or ints, got {padding!r}")
-    if stride != (1, 1):
-        raise ValueError("conv_relu_pool2d: padding='same' is not supported for strided convolutions")
+        raise RuntimeError(f"conv_relu_pool2d: padding must be 'valid', 'same' or ints, got {padding!r}")
+    if stride != (1, 1):  # RuntimeError, as F.conv2d's (nn.Conv2d's constructor raises ValueError)
+        raise RuntimeError("conv_relu_pool2d: padding='same' is not supported for strided convolutions")
     totals = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
     if totals[0] % 2 or totals[1] % 2:
         input = F.pad(input, (0, totals[1] % 2, 0, totals[0] % 2))
@@ -279,7 +289,8 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
 
     ``input`` is (N, C_in, H, W) or unbatched (C_in, H, W); ``pool_stride`` defaults to
     ``pool_kernel_size``. channels_last inputs give channels_last outputs. Differentiable in input, weight
-    and bias (once: no double backward).
+    and bias to any order, in every autograd mode (``torch.func`` transforms and forward-mode AD run the
+    composite, the ``F`` expression above; see ``fastdl/_autograd.py``).
     """
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("conv_relu_pool2d: input and weight must be Tensors")
@@ -323,7 +334,7 @@ def conv_relu_pool2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
         raise RuntimeError(
             f"conv_relu_pool2d: input of spatial size {tuple(input.shape[2:])} is too small: the convolution gives "
             f"{tuple(conv_shape)} and the pooling {tuple(pooled)}; expected both at least 1x1")
-    if auto_runs_eager("conv_relu_pool2d", input.device, input.dtype, input, weight):
+    if composite_required() or auto_runs_eager("conv_relu_pool2d", input.device, input.dtype, input, weight):
         return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)), pool_kernel,
                             pool_stride, pool_padding, pool_dilation, bool(ceil_mode))
     output, _ = _forward_op(input, weight, bias, *params)
@@ -344,15 +355,22 @@ class ConvReLUPool2d(nn.Conv2d):
                  pool_kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        self.pool_kernel_size = _pair(pool_kernel_size)
-        self.pool_stride = self.pool_kernel_size if pool_stride is None else _pair(pool_stride)
-        self.pool_padding = _pair(pool_padding)
-        self.pool_dilation = _pair(pool_dilation)
+        self._set_pooling(pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
+
+    def _set_pooling(self, kernel_size, stride, padding, dilation, ceil_mode) -> None:
+        self.pool_kernel_size = _pair(kernel_size)
+        self.pool_stride = self.pool_kernel_size if stride is None else _pair(stride)
+        self.pool_padding = _pair(padding)
+        self.pool_dilation = _pair(dilation)
         self.ceil_mode = bool(ceil_mode)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> "ConvReLUPool2d":
-        """The fused module for ``conv → ReLU → pool``, sharing ``conv``'s parameters (no copy)."""
+        """The fused module for ``conv → ReLU → pool``. It shares ``conv``'s state (no copy): parameters,
+        buffers, parametrizations (weight norm, spectral norm, ...: the fused module is parametrized the
+        same way) and forward pre-hooks, which see the same input. Hooks that would see the conv's output or
+        its gradient cannot be kept — the fused module never forms that tensor — so a conv carrying them is
+        refused (``fuse_conv_relu_pool`` leaves such a block unfused)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"ConvReLUPool2d.from_modules: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if not isinstance(pool, nn.MaxPool2d):
@@ -360,14 +378,16 @@ class ConvReLUPool2d(nn.Conv2d):
         if pool.return_indices:
             raise ValueError("ConvReLUPool2d.from_modules: pool.return_indices=True is not supported (the fused "
                              "module returns only the pooled activation)")
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
-                    pool_kernel_size=pool.kernel_size, pool_stride=pool.stride, pool_padding=pool.padding,
-                    pool_dilation=pool.dilation, ceil_mode=pool.ceil_mode)
-        fused.weight = conv.weight
-        fused.bias = conv.bias
-        fused.train(conv.training)
+        if _output_hooks(conv):
+            raise ValueError(f"ConvReLUPool2d.from_modules: conv has {', '.join(_output_hooks(conv))}, which would "
+                             "see the convolution's output or its gradient; the fused module never forms them")
+        fused = cls.__new__(_fused_class(cls, conv))
+        fused.__dict__.update(conv.__dict__)
+        fused._set_pooling(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         return fused
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, _ScriptableConvReLUPool2d)  # torch.jit.script (fastdl/_scripting.py)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}, "
@@ -382,18 +402,52 @@ class ConvReLUPool2d(nn.Conv2d):
                                 self.pool_dilation)
 
 
+class _ScriptableConvReLUPool2d(nn.Conv2d):
+    """ConvReLUPool2d's forward in TorchScript-compilable PyTorch (fastdl/_scripting.py): the conv (any
+    padding mode), ReLU and max-pool."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
+                            self.pool_stride, self.pool_padding, self.pool_dilation, self.ceil_mode)
+
+
+def _output_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks on ``module`` that see its output or the gradient of its output."""
+    kinds = {"_forward_hooks": "forward hooks", "_backward_hooks": "backward hooks",
+             "_backward_pre_hooks": "backward pre-hooks"}
+    return [name for attribute, name in kinds.items() if getattr(module, attribute)]
+
+
+def _fused_class(cls: type, conv: nn.Conv2d) -> type:
+    """``cls``, or for a parametrized conv the parametrized twin of ``cls``: what
+    ``torch.nn.utils.parametrize`` makes of a module's class (a subclass holding one property per
+    parametrized tensor, so that ``remove_parametrizations`` finds ``cls`` as its first base)."""
+    if not parametrize.is_parametrized(conv):
+        return cls
+    inherited = ("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__")
+    namespace = {name: value for name, value in vars(type(conv)).items() if name not in inherited}
+    return type(f"Parametrized{cls.__name__}", (cls,), namespace)
+
+
 def fuse_conv_relu_pool(model: nn.Module) -> nn.Module:
     """Replaces, in place, every ``nn.Conv2d → nn.ReLU → nn.MaxPool2d`` run of consecutive children of an
     ``nn.Sequential`` inside ``model`` by ``ConvReLUPool2d, nn.Identity, nn.Identity``: the fused module
-    takes the conv's place and parameters, so ``state_dict()`` keys and values are unchanged. Returns
-    ``model``."""
+    takes the conv's place and state (parameters, parametrizations, forward pre-hooks; see
+    :meth:`ConvReLUPool2d.from_modules`), so ``state_dict()`` keys and values are unchanged. A run where a
+    hook would see a tensor the fused module never forms (hooks on the ReLU or the pool, forward or
+    backward hooks on the conv) is left as it is, so every hook keeps running as before. Returns ``model``."""
     for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         keys = list(sequential._modules)
         for first in range(len(keys) - 2):
             conv, relu, pool = (sequential._modules[k] for k in keys[first:first + 3])
             if (isinstance(conv, nn.Conv2d) and not isinstance(conv, ConvReLUPool2d) and type(relu) is nn.ReLU
-                    and isinstance(pool, nn.MaxPool2d) and not pool.return_indices):
+                    and isinstance(pool, nn.MaxPool2d) and not pool.return_indices and not _output_hooks(conv)
+                    and not _hooks(relu) and not _hooks(pool)):
                 sequential._modules[keys[first]] = ConvReLUPool2d.from_modules(conv, pool)
                 sequential._modules[keys[first + 1]] = nn.Identity()
                 sequential._modules[keys[first + 2]] = nn.Identity()
     return model
+
+
+def _hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or _output_hooks(module))

@@ -18,6 +18,10 @@ selection, the functional and the module.
 Autograd keeps only the input for backward. The scale is rebuilt there from x: the window sum costs two
 flops per element in a pass that reads x anyway, while keeping it would cost a full-size write in forward,
 a full-size read in backward, and one more activation held per LRN layer.
+
+The reference kernels double as the composite of ``fastdl/_autograd.py``: under ``torch.func`` transforms
+and forward-mode AD the functional is ``F.local_response_norm``, and a backward that must itself be
+differentiable (``create_graph=True``) is the reference backward, plain PyTorch in (g, x).
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
+from .._scripting import scriptable_twin
 from .._layout import in_format, preserved_format
 
 __all__ = ["LocalResponseNorm", "local_response_norm"]
@@ -45,6 +51,8 @@ def _reference_forward(input: Tensor, size: int, alpha: float, beta: float, k: f
 def _reference_backward(grad: Tensor, input: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     scale = k + alpha / size * _channel_window_sum(input * input, size // 2, (size - 1) // 2)
     scale_pow = scale.pow(-beta)
+    if beta == 0:  # the window term is exactly 0, as torch's pow backward for a zero exponent (0 · NaN is not)
+        return grad * scale_pow
     mirrored = _channel_window_sum(grad * input * scale_pow / scale, (size - 1) // 2, size // 2)
     return grad * scale_pow - (2 * alpha * beta / size) * input * mirrored
 
@@ -105,6 +113,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     (input,) = ctx.saved_tensors
+    if input.numel() == 0:  # nothing to differentiate (and the window size was never checked)
+        return torch.empty_like(input, memory_format=preserved_format(input)), None, None, None, None
+    if differentiable_backward_required():  # the reference formula is plain PyTorch in (g, x): differentiable
+        return _reference_backward(grad_output, input, *ctx.hyperparameters), None, None, None, None
     grad_input = _backward_op(grad_output, input, *ctx.hyperparameters)
     return grad_input, None, None, None, None
 
@@ -112,8 +124,9 @@ def _backward(ctx, grad_output: Tensor):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(input: Tensor, size: int, grad_output: Tensor | None = None) -> None:
-    # The exception types are the ones torch raises for the same mistakes.
+def _check(input: Tensor, size: int) -> None:
+    # The exception types are the ones torch raises for the same mistakes, in its order: an empty input is
+    # returned before the window size is looked at.
     if not isinstance(input, Tensor):
         raise TypeError(f"local_response_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 3:
@@ -121,6 +134,8 @@ def _check(input: Tensor, size: int, grad_output: Tensor | None = None) -> None:
             f"local_response_norm: expected an input of 3 or more dimensions (N, C, *), got {input.dim()} "
             f"dimensions of shape {tuple(input.shape)}"
         )
+    if input.numel() == 0:  # returned as it is (below)
+        return
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"local_response_norm: size must be an int, got {type(size).__name__}")
     if size < 1:
@@ -134,9 +149,15 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
         y_c = x_c \Big(k + \frac{\alpha}{n} \sum_{j=c-\lfloor n/2 \rfloor}^{c+\lfloor (n-1)/2 \rfloor} x_j^2\Big)^{-\beta}
 
     with zeros for channels outside the input. ``input`` is (N, C, *) of any rank ≥ 3; channels_last
-    inputs keep their layout. Differentiable in ``input`` (once: no double backward).
+    inputs keep their layout. Differentiable in ``input`` to any order, in every autograd mode
+    (``torch.func`` transforms and forward-mode AD run the composite, ``F.local_response_norm``; see
+    ``fastdl/_autograd.py``).
     """
     _check(input, size)
+    if input.numel() == 0:
+        return input  # as F.local_response_norm does
+    if composite_required():
+        return _reference_forward(input, size, float(alpha), float(beta), float(k))
     return _forward_op(input, size, float(alpha), float(beta), float(k))
 
 
@@ -145,3 +166,6 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return scriptable_twin(self, nn.LocalResponseNorm)  # torch.jit.script (fastdl/_scripting.py)

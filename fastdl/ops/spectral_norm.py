@@ -32,7 +32,9 @@ overhead and the dispatcher's, ``_eager_step`` (see :func:`_eager_native`).
 
 Autograd saves W (the parameter, alive anyway, so this costs no memory), the updated u and v and the
 0-dim σ: exactly what the gradient formula reads. σ is saved rather than rebuilt because rebuilding it
-is another reduction over W.
+is another reduction over W. Beyond first-order eager autograd (fastdl/_autograd.py) the op runs its
+composite — the reference power iteration on the detached weight, then W / uᵀWv — and a backward that
+must be differentiable rebuilds σ from W, so that ∂σ/∂W reaches the second derivative.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from .. import _extension
+from .._autograd import composite_required, differentiable_backward_required
 from .._backends import standard_kernels
 from .._layout import in_format, preserved_format
 
@@ -74,6 +77,19 @@ def _reference_forward(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_i
             v = F.normalize(torch.mv(matrix.H, u), dim=0, eps=eps)
     sigma = torch.vdot(u, torch.mv(matrix, v))
     return weight / sigma, u.clone(), v.clone(), sigma.to(_accumulation_dtype(weight.dtype))
+
+
+def _composite_forward(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+                       training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(W / σ, u, v) in differentiable PyTorch ops (fastdl/_autograd.py): the power iteration on the
+    detached weight (u and v are constants of the gradient), σ = uᵀ W v with its graph."""
+    _, u, v, _ = _reference_forward(weight.detach(), u, v, dim, n_power_iterations, eps, training)
+    return weight / _differentiable_sigma(weight, u, v, dim), u, v
+
+
+def _differentiable_sigma(weight: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
+    """σ(W) = uᵀ W v for constant u and v, as a differentiable function of W."""
+    return torch.vdot(u, torch.mv(_matrix(weight, dim), v))
 
 
 def _reference_backward(grad: Tensor, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
@@ -143,6 +159,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor, *_):
     weight, u, v, sigma = ctx.saved_tensors
+    if differentiable_backward_required():
+        # The formula with σ rebuilt from W: the saved σ carries no graph, and ∂σ/∂W is part of the
+        # second derivative.
+        sigma = _differentiable_sigma(weight, u, v, ctx.dim).to(sigma.dtype)
+        return _reference_backward(grad_output, weight, u, v, sigma, ctx.dim), None, None, None, None, None, None
     grad_weight = _backward_op(grad_output.contiguous(), weight, u, v, sigma, ctx.dim)
     return grad_weight, None, None, None, None, None, None
 
@@ -163,9 +184,11 @@ def _eager_native(weight: Tensor) -> bool:
     SN-GAN-sized weights. Eager calls that would run the native CPU kernels thus skip them; traced code
     (torch.compile, export), CUDA, the other backends, and what ``_eager_step`` declines (tensor
     subclasses such as fake tensors, active torch-function or dispatch modes) go through
-    ``fastdl::spectral_normalize``. Kernels, saved tensors and gradient are the same either way.
+    ``fastdl::spectral_normalize``, and ``torch.func`` transforms and forward-mode AD run the composite
+    (fastdl/_autograd.py). Kernels, saved tensors and gradient are the same either way; the C++ node's
+    backward, like the op's, is differentiable PyTorch under ``create_graph``.
     """
-    if not weight.is_cpu or torch.compiler.is_compiling():
+    if not weight.is_cpu or torch.compiler.is_compiling() or composite_required():
         return False
     return _FORWARD.native_on_cpu(weight.dtype)
 
@@ -223,10 +246,15 @@ def spectral_normalize(weight: Tensor, u: Tensor, v: Tensor, n_power_iterations:
         \sigma = u^\top W v, \qquad W_{SN} = W / \sigma
 
     Returns new tensors (``u`` and ``v`` are not modified; in eval mode the returned u and v are the
-    given ones). Differentiable in ``weight`` with u and v held constant, as torch's parametrization.
+    given ones). Differentiable in ``weight`` with u and v held constant, as torch's parametrization, to
+    any order and in every autograd mode (``torch.func`` transforms and forward-mode AD run the composite;
+    see ``fastdl/_autograd.py``).
     """
     dim = _check(weight, u, v, n_power_iterations, eps, dim)
     eps, training = float(eps), bool(training)
+    if composite_required():
+        weight_sn, new_u, new_v = _composite_forward(weight, u, v, dim, n_power_iterations, eps, training)
+        return (weight_sn, new_u, new_v) if training else (weight_sn, u, v)
     if _eager_native(weight):
         new_u, new_v = (u.detach().clone(), v.detach().clone()) if training else (u, v)
         weight_sn = _eager_step(weight, new_u, new_v, dim, n_power_iterations, eps, training)
@@ -255,8 +283,11 @@ class _SpectralNorm(parametrizations._SpectralNorm):
             weight_sn = _eager_step(weight, u, v, self.dim, self.n_power_iterations, self.eps, self.training)
             if weight_sn is not NotImplemented:
                 return weight_sn
-        weight_sn, new_u, new_v, _ = _forward_op(weight, u, v, self.dim, self.n_power_iterations, float(self.eps),
-                                                 self.training)
+        arguments = (weight, u, v, self.dim, self.n_power_iterations, float(self.eps), self.training)
+        if composite_required():
+            weight_sn, new_u, new_v = _composite_forward(*arguments)
+        else:
+            weight_sn, new_u, new_v, _ = _forward_op(*arguments)
         if self.training:
             # In place, as torch does, so that DataParallel replicas update the original module's buffers.
             u.copy_(new_u)
